@@ -1,0 +1,207 @@
+"""Command line: ``python -m bdft_core {attack,defend,demo,runs} ...``.
+
+With ``--json`` a command prints exactly one JSON object as the last line of stdout (progress goes
+to stderr). Bad input exits with status 2 and a one-line reason on stderr, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+from typing import Any
+
+from .attacks import ATTACKS
+from .data import DATASETS
+from .defenses import DEFENSES
+from .errors import BdftError
+from .models import MODELS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _value(text: str) -> Any:
+    """Parse a --param value: JSON if it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _params(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise BdftError(f"--param takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _value(v)
+    return out
+
+
+def _progress_printer(quiet: bool):
+    def show(p):
+        if quiet:
+            return
+        bits = [f"step {p.step}/{p.total_steps}", f"epoch {p.epoch:.2f}", f"loss {p.loss:.3f}", f"lr {p.lr:.4g}"]
+        if p.clean_acc is not None:
+            bits.append(f"CA {p.clean_acc:.3f}")
+        if p.asr is not None:
+            bits.append(f"ASR {p.asr:.3f}")
+        if p.step and not math.isnan(p.eta_s):
+            bits.append(f"ETA {p.eta_s:.0f}s")
+        print("  " + "  ".join(bits), file=sys.stderr, flush=True)
+    return [("on_epoch_end", show), ("on_step", show)]
+
+
+def _add_attack_args(p):
+    p.add_argument("--dataset", default="cifar10", help=f"{', '.join(DATASETS)}, an .npz path or an image folder")
+    p.add_argument("--attack", default="badnets", help=", ".join(ATTACKS))
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="attack setting, repeatable (e.g. size=4, pattern=checkerboard, alpha=0.1)")
+    p.add_argument("--poison-rate", type=float, default=0.1, help="share of training images poisoned, 0..1")
+    p.add_argument("--target", type=int, default=0, help="target label (all-to-one)")
+    p.add_argument("--mode", default="all_to_one", choices=["all_to_one", "all_to_all"])
+    p.add_argument("--model", default="fastnet", help=", ".join(MODELS))
+    p.add_argument("--epochs", type=float, default=None, help="passes over the training data (default: per dataset)")
+    p.add_argument("--lr", type=float, default=0.15, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=None, help="train on a seeded slice of this many images")
+    p.add_argument("--n-test", type=int, default=None, help="evaluate on a seeded slice of this many images")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _attack_config(a):
+    from .pipeline import AttackConfig
+
+    return AttackConfig(dataset=a.dataset, attack=a.attack, params=_params(a.param), poison_rate=a.poison_rate,
+                        target=a.target, mode=a.mode, model=a.model, epochs=a.epochs, lr=a.lr,
+                        batch_size=a.batch_size, seed=a.seed, n_train=a.n_train, n_test=a.n_test, device=a.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m bdft_core", description="Backdoor attacks and fine-tuning defenses.")
+    ap.add_argument("--runs-dir", default=None, help="where runs are stored (default: $BDFT_RUNS_DIR or ~/.bdft/runs)")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("attack", help="train a poisoned model and store it as a run")
+    _add_attack_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = sub.add_parser("defend", help="apply a defense to a stored poisoned run")
+    p.add_argument("--run", required=True, help="id of the poisoned run")
+    p.add_argument("--defense", default="sft", help=", ".join(DEFENSES))
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="defense setting, repeatable (e.g. lr=0.02)")
+    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.05)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: as the run)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the whole story: poison, train, defend with FT and SFT, measure")
+    _add_attack_args(p)
+    p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
+    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.05)")
+    p.add_argument("--no-store", action="store_true", help="do not store the runs")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("runs", help="list, show or delete stored runs")
+    p.add_argument("action", choices=["list", "show", "delete"])
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _fmt(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BdftError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+def _emit(obj: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(human)
+
+
+def _dispatch(a) -> int:
+    from .pipeline import DEFAULT_CLEAN_FRACTION, run_attack, run_defense, run_demo
+    from .runs import RunStore
+
+    if a.cmd == "runs":
+        return _runs(a, RunStore(a.runs_dir))
+    cbs = _progress_printer(quiet=False)
+    stop = threading.Event()
+    if a.cmd == "attack":
+        store = RunStore(a.runs_dir)
+        run, _ = run_attack(_attack_config(a).validate(), store=store, callbacks=cbs, stop=stop)
+        obj = {"run_id": run.id, "dataset": run.dataset, "attack": run.attack["name"], "device": run.device,
+               "clean_acc": run.final["clean_acc"], "asr": run.final["asr"], "seconds": run.timings["total_s"],
+               "status": run.status}
+        _emit(obj, a.json, f"run {run.id}: CA {_fmt(run.final['clean_acc'])}, ASR {_fmt(run.final['asr'])} "
+                           f"({run.timings['total_s']:.1f}s on {run.device})")
+        return 0
+    if a.cmd == "defend":
+        store = RunStore(a.runs_dir)
+        cf = DEFAULT_CLEAN_FRACTION if a.clean_fraction is None else a.clean_fraction
+        parent = store.get(a.run)
+        run, _ = run_defense(a.run, a.defense, _params(a.param), clean_fraction=cf, store=store, callbacks=cbs,
+                             stop=stop, device=a.device)
+        obj = {"run_id": run.id, "parent": run.parent, "defense": run.defense["name"], "device": run.device,
+               "clean_fraction": cf, "clean_acc": run.final["clean_acc"], "asr": run.final["asr"],
+               "seconds": run.timings["total_s"],
+               "before": {"clean_acc": parent.final.get("clean_acc"), "asr": parent.final.get("asr")}}
+        _emit(obj, a.json, f"run {run.id} ({run.defense['name']} on {run.parent}): CA {_fmt(parent.final.get('clean_acc'))}"
+                           f" -> {_fmt(run.final['clean_acc'])}, ASR {_fmt(parent.final.get('asr'))} -> "
+                           f"{_fmt(run.final['asr'])} ({run.timings['total_s']:.1f}s)")
+        return 0
+    if a.cmd == "demo":
+        cfg = _attack_config(a).validate()
+        defenses = [d.strip() for d in a.defenses.split(",") if d.strip()]
+        cf = DEFAULT_CLEAN_FRACTION if a.clean_fraction is None else a.clean_fraction
+        store = None if a.no_store else RunStore(a.runs_dir)
+        out = run_demo(cfg, defenses=defenses, clean_fraction=cf, store=store, callbacks=cbs, stop=stop)
+        lines = [f"{out['dataset']} / {out['attack']} on {out['device']}: poisoned model CA "
+                 f"{_fmt(out['poisoned']['clean_acc'])}, ASR {_fmt(out['poisoned']['asr'])}"]
+        for name, r in out["defended"].items():
+            lines.append(f"  after {name}: CA {_fmt(r['clean_acc'])}, ASR {_fmt(r['asr'])} ({r['seconds']:.1f}s)")
+        lines.append(f"total {out['seconds']:.1f}s")
+        _emit(out, a.json, "\n".join(lines))
+        return 0
+    return _fail(f"unknown command {a.cmd}")  # pragma: no cover - argparse rejects it first
+
+
+def _runs(a, store) -> int:
+    if a.action == "list":
+        rows = store.list()
+        human = "\n".join(f"{r['id']}  {r['kind']:7s} {r['dataset'] or '':14s} {r['name'] or '':8s} "
+                           f"CA {_fmt(r['clean_acc'])}  ASR {_fmt(r['asr'])}  {r['status']}"
+                           + (f"  <- {r['parent']}" if r["parent"] else "") for r in rows) or "no runs stored yet"
+        _emit({"runs": rows}, a.json, human)
+        return 0
+    if not a.run_id:
+        return _fail(f"runs {a.action} needs a run id")
+    if a.action == "show":
+        run = store.get(a.run_id)
+        obj = run.to_json()
+        obj["children"] = [c["id"] for c in store.children(a.run_id)]
+        _emit(obj, a.json, json.dumps(obj, indent=1, default=str))
+        return 0
+    removed = store.delete(a.run_id)
+    _emit({"deleted": removed}, a.json, "deleted " + ", ".join(removed))
+    return 0

@@ -1,0 +1,82 @@
+"""What every defense shares. A defense takes a (copy of a) poisoned model and the defender's
+clean data, changes the model in place, and returns a :class:`~bdft_core.train.TrainResult`."""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..schedules import Schedule
+from ..train import TrainConfig, Trainer
+
+
+class Defense:
+    """Base class. ``needs`` says, for the UI and the docs, what the defender must have."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    help: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ConfigError(f"defense {self.name} has no parameter(s) {', '.join(sorted(unknown))}; "
+                              f"it takes {', '.join(self.defaults)}")
+        self.params = {**self.defaults, **params}
+        self.validate()
+
+    @classmethod
+    def get_default_config(cls) -> dict[str, Any]:
+        return dict(cls.defaults)
+
+    def validate(self) -> None:
+        p = self.params
+        if "epochs" in p and not (float(p["epochs"]) > 0 and math.isfinite(float(p["epochs"]))):
+            raise ConfigError(f"{self.name}: epochs must be a positive number, got {p['epochs']}")
+        if "batch_size" in p and int(p["batch_size"]) < 1:
+            raise ConfigError(f"{self.name}: batch size must be at least 1")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule this defense will follow (as data, for plotting)."""
+        raise NotImplementedError
+
+    def epochs_for(self, n_clean: int) -> float:
+        """Passes over the clean data: ``epochs``, raised so that at least ``min_steps`` steps run
+        (a budget of a few dozen images would otherwise give a handful of steps)."""
+        p = self.params
+        steps_per_epoch = math.ceil(n_clean / min(int(p["batch_size"]), n_clean))
+        return max(float(p["epochs"]), int(p.get("min_steps", 0)) / steps_per_epoch)
+
+    def total_steps(self, n_clean: int) -> int:
+        steps_per_epoch = math.ceil(n_clean / min(int(self.params["batch_size"]), n_clean))
+        return max(1, math.ceil(self.epochs_for(n_clean) * steps_per_epoch))
+
+    def schedule_values(self, n_clean: int) -> list[float]:
+        return self.schedule().values(self.total_steps(n_clean))
+
+    def trainable(self, model):
+        return None  # all parameters that require grad
+
+    def train_config(self, seed: int, n_clean: int, **over) -> TrainConfig:
+        p = self.params
+        return TrainConfig(epochs=self.epochs_for(n_clean), batch_size=int(p["batch_size"]), lr=self.schedule().lr(0, 1),
+                           momentum=float(p.get("momentum", 0.9)), nesterov=False,
+                           weight_decay=float(p.get("weight_decay", 5e-4)), label_smoothing=0.0,
+                           flip=True, translate=int(p.get("translate", 0)), eval_at_start=True, seed=seed, **over)
+
+    def apply(self, model, x_clean, y_clean, evaluator=None, callbacks=None, stop: threading.Event | None = None,
+              seed: int = 0, **train_over):
+        """Run the defense on ``model`` (changed in place) with the defender's clean data."""
+        tr = Trainer(model, x_clean, y_clean, self.train_config(seed, len(y_clean), **train_over), schedule=self.schedule(),
+                     evaluator=evaluator, params=self.trainable(model), stop=stop,
+                     freeze_bn=self.trainable(model) is not None)
+        for event, fn in (callbacks or []):
+            tr.add_callback(event, fn)
+        return tr.run()

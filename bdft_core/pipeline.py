@@ -1,0 +1,233 @@
+"""The story end to end, as plain functions the CLI and the dashboard both call:
+``run_attack`` (poison + train, stored as a run), ``run_defense`` (apply a registered defense to a
+stored run, stored as a child run) and ``run_demo`` (both, with FT and SFT).
+
+Progress reaches the caller through ``callbacks``: a list of ``(event, fn)`` pairs passed to the
+trainer (``"on_step"``, ``"on_epoch_end"``), each ``fn`` receiving a
+:class:`~bdft_core.train.Progress`; ``stop`` is a ``threading.Event`` that ends training within a
+step, keeping what was reached (the run is stored with status "stopped")."""
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .attacks import build_attack
+from .data import ImageData, Splits, check_clean_fraction, load_dataset
+from .defenses import build_defense
+from .device import describe_device, pick_device, setup_threads
+from .errors import ConfigError
+from .metrics import Evaluator
+from .models import build_model
+from .runs import Run, RunStore, new_run_id
+from .train import TrainConfig, Trainer
+
+PARADIGMS = ("standalone",)
+
+# Passes over the training set when ``epochs`` is not given: enough for the defaults to reach the
+# README's figures on a 2-core CPU in about a minute (more epochs help, on a GPU especially).
+DEFAULT_EPOCHS = {"cifar10": 2.0, "gtsrb": 5.0, "svhn": 2.0, "mnist": 1.0, "fashion_mnist": 2.0, "digits": 15.0}
+DEFAULT_CLEAN_FRACTION = 0.05  # the defender's clean-data budget: 5% of the training set
+
+
+@dataclass
+class AttackConfig:
+    """Everything that defines a poisoned training run (defaults: the README's demo)."""
+
+    dataset: str = "cifar10"  # registry name, .npz path or image folder
+    attack: str = "badnets"
+    params: dict[str, Any] = field(default_factory=dict)  # the attack's own settings (see its defaults)
+    poison_rate: float = 0.1  # share of the training set poisoned, 0..1
+    target: int = 0  # target label (all-to-one)
+    mode: str = "all_to_one"  # or "all_to_all" (label + 1)
+    paradigm: str = "standalone"
+    model: str = "fastnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: float | None = None  # None: DEFAULT_EPOCHS for the dataset
+    lr: float = 0.15  # peak learning rate (SGD, warm-up then linear decay)
+    batch_size: int = 256
+    translate: int = 0  # random-shift augmentation, pixels (flips are always on)
+    seed: int = 0
+    n_train: int | None = None  # use a seeded slice of the training set (quick demos, tests)
+    n_test: int | None = None
+    device: str = "auto"
+    eval_every: int = 0  # steps between live evaluations (0: each epoch)
+
+    @classmethod
+    def get_default_config(cls) -> "AttackConfig":
+        return cls()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttackConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def validate(self) -> "AttackConfig":
+        if self.paradigm not in PARADIGMS:
+            raise ConfigError(f"unknown paradigm {self.paradigm!r}: available now: {', '.join(PARADIGMS)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 2:
+                raise ConfigError(f"{name} must be at least 2, got {v}")
+        return self
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(name: str, root: str | None) -> ImageData:
+    return load_dataset(name, root=root)
+
+
+def get_dataset(name: str, device: torch.device, n_train=None, n_test=None, seed: int = 0) -> ImageData:
+    """Load (once per process) and place a dataset on ``device``, optionally a seeded slice."""
+    import os
+
+    data = _cached_dataset(name, os.environ.get("BDFT_DATA_DIR"))
+    if n_train or n_test:
+        data = data.subset(n_train, n_test, seed=seed)
+    return data.to(device)
+
+
+@dataclass
+class Setting:
+    """A prepared attack setting: data on the device, the attack, the splits, the evaluator."""
+
+    cfg: AttackConfig
+    device: torch.device
+    data: ImageData
+    attack: Any
+    splits: Splits
+    evaluator: Evaluator
+
+
+def prepare(cfg: AttackConfig) -> Setting:
+    cfg.validate()
+    setup_threads()
+    device = pick_device(cfg.device)
+    data = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
+    attack = build_attack(cfg.attack, data.image_shape, data.num_classes, target=cfg.target, mode=cfg.mode,
+                          seed=cfg.seed, **cfg.params)
+    splits = Splits(len(data.y_train), cfg.seed)
+    x_bd, y_bd = attack.test_set(data.x_test, data.y_test)
+    return Setting(cfg, device, data, attack, splits, Evaluator(data.x_test, data.y_test, x_bd, y_bd, seed=cfg.seed))
+
+
+def _model_spec(cfg: AttackConfig, data: ImageData) -> dict:
+    return {"name": cfg.model, "num_classes": data.num_classes, "channels": data.image_shape[0],
+            "image_size": list(data.image_shape[1:]), "kwargs": dict(cfg.model_kwargs)}
+
+
+def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None,
+               setting: Setting | None = None):
+    """Poison the training set, train a model on it, measure CA/ASR, store the run.
+    Returns ``(run, model)``."""
+    t0 = time.perf_counter()
+    s = setting or prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    t_data = time.perf_counter()
+    poisoned = s.attack.poison(s.data.x_train, s.data.y_train, cfg.poison_rate, s.splits)
+    spec = _model_spec(cfg, s.data)
+    model = build_model(cfg.model, s.data.num_classes, s.data.image_shape[0], **cfg.model_kwargs)
+    model.fit_data(poisoned.x.cpu())
+    model.to(s.device)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(s.data.name, 4.0)
+    tcfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, translate=cfg.translate,
+                       seed=cfg.seed, eval_every=cfg.eval_every)
+    t_train = time.perf_counter()
+    trainer = Trainer(model, poisoned.x, poisoned.y, tcfg, evaluator=s.evaluator, stop=stop)
+    for event, fn in callbacks:
+        trainer.add_callback(event, fn)
+    res = trainer.run()
+    total = time.perf_counter() - t0
+    run = Run(id=new_run_id("attack"), kind="attack", created=time.time(), dataset=s.data.name, model=spec,
+              attack={**s.attack.config(), "poison_rate": cfg.poison_rate, "n_poisoned": len(poisoned.poison_idx),
+                      "n_noise": len(poisoned.noise_idx), "title": s.attack.title, "paper": s.attack.paper},
+              config={**asdict(cfg), "epochs": epochs, "train": asdict(tcfg)}, seed=cfg.seed,
+              device=describe_device(s.device), status="stopped" if res.stopped else "finished",
+              history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
+              timings={"total_s": total, "prepare_s": t_train - t0, "poison_s": t_train - t_data,
+                       "train_s": res.seconds, "images_per_s": res.images_per_s})
+    if store is not None:
+        store.save(run, model)
+    return run, model
+
+
+def attack_config_of(run: Run) -> AttackConfig:
+    names = {f.name for f in fields(AttackConfig)}
+    return AttackConfig(**{k: v for k, v in run.config.items() if k in names})
+
+
+def run_defense(parent: str | Run, defense: str, params: dict | None = None,
+                clean_fraction: float = DEFAULT_CLEAN_FRACTION, store: RunStore | None = None, callbacks=(),
+                stop: threading.Event | None = None, model=None, setting: Setting | None = None,
+                device: str | None = None):
+    """Apply a registered defense to a poisoned run (its stored weights, or ``model`` if given)
+    using the defender's clean data; store the result as a child run. Returns ``(run, model)``."""
+    t0 = time.perf_counter()
+    check_clean_fraction(clean_fraction)
+    d = build_defense(defense, **(params or {}))
+    if isinstance(parent, str):
+        if store is None:
+            raise ConfigError("a run id needs a run store to load it from")
+        parent_run, stored = store.load_model(parent)
+        model = model if model is not None else stored
+    else:
+        parent_run = parent
+        if model is None:
+            raise ConfigError("pass the poisoned model along with an unsaved run")
+    if parent_run.kind != "attack":
+        raise ConfigError(f"run {parent_run.id} is a {parent_run.kind} run; defenses start from a poisoned (attack) run")
+    cfg = attack_config_of(parent_run)
+    if device:
+        cfg.device = device
+    s = setting or prepare(cfg)
+    model = copy.deepcopy(model).to(s.device)
+    idx = s.splits.defender_indices(clean_fraction).to(s.device)
+    x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images
+    res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed)
+    total = time.perf_counter() - t0
+    run = Run(id=new_run_id("defense"), kind="defense", created=time.time(), dataset=parent_run.dataset,
+              model=parent_run.model, attack=parent_run.attack,
+              config={"clean_fraction": clean_fraction, "n_clean": len(idx), "defense": d.config()},
+              seed=cfg.seed, device=describe_device(s.device), status="stopped" if res.stopped else "finished",
+              parent=parent_run.id, defense={**d.config(), "title": d.title, "needs": d.needs},
+              history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
+              timings={"total_s": total, "train_s": res.seconds, "images_per_s": res.images_per_s})
+    if store is not None:
+        store.save(run, model)
+    return run, model
+
+
+def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_fraction: float = DEFAULT_CLEAN_FRACTION,
+             store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None) -> dict:
+    """Poison, train, apply each defense, measure: the whole story, as one JSON-ready dict."""
+    t0 = time.perf_counter()
+    cfg = cfg or AttackConfig()
+    check_clean_fraction(clean_fraction)
+    for name in defenses:
+        build_defense(name)  # fail on an unknown name before training anything
+    s = prepare(cfg)
+    run, model = run_attack(cfg, store=store, callbacks=callbacks, stop=stop, setting=s)
+    out = {"dataset": run.dataset, "attack": cfg.attack, "paradigm": cfg.paradigm, "model": cfg.model,
+           "device": run.device, "run_id": run.id,
+           "poisoned": {"clean_acc": run.final["clean_acc"], "asr": run.final["asr"],
+                        "seconds": run.timings["total_s"]},
+           "defended": {}, "clean_fraction": clean_fraction, "stopped": run.status == "stopped"}
+    for name in defenses:
+        if stop is not None and stop.is_set():
+            break
+        drun, _ = run_defense(run, name, clean_fraction=clean_fraction, store=store, callbacks=callbacks, stop=stop,
+                              model=model, setting=s)
+        out["defended"][name] = {"clean_acc": drun.final["clean_acc"], "asr": drun.final["asr"],
+                                 "seconds": drun.timings["total_s"], "run_id": drun.id}
+    out["seconds"] = time.perf_counter() - t0
+    return out

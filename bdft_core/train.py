@@ -1,0 +1,209 @@
+"""One training loop for attack training and for fine-tuning defenses.
+
+Data stays on the training device as uint8 tensors; each step gathers a batch by index, augments
+it there (flip + translate), and runs the model under autocast (bf16 on CUDA and on CPUs with
+native bf16) in channels-last layout. No DataLoader, no per-image work.
+
+The UI seam is callbacks (as in minGPT): ``trainer.add_callback("on_step", fn)`` and
+``"on_epoch_end"``; each receives a :class:`Progress`. ``trainer.request_stop()`` (or setting the
+``stop`` event passed in) ends training after the current step; what was reached is kept."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import augment
+from .device import amp_dtype as pick_amp
+from .errors import ConfigError
+from .metrics import Evaluator, autocast_ctx
+from .schedules import Schedule, WarmupLinear
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (units in comments)."""
+
+    epochs: float = 10.0  # passes over the training data; fractions allowed
+    batch_size: int = 512  # images per step
+    lr: float = 0.4  # peak learning rate of the default schedule (SGD)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # L2 on all trainable weights, per step
+    label_smoothing: float = 0.2
+    warmup: float = 0.2  # share of steps spent warming up (default schedule)
+    flip: bool = True  # random horizontal flips
+    translate: int = 2  # random shifts, pixels
+    eval_every: int = 0  # steps between live evaluations for on_step (0: only at epoch ends)
+    live_samples: int = 2000  # test images per live evaluation (final metrics use the whole test set)
+    eval_at_start: bool = False  # also evaluate before the first step (defenses start from the attack's figures)
+    amp: str = "auto"  # "auto" (bf16 where fast), "bf16", "off"
+    channels_last: bool = True
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"epochs must be a positive number, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.translate < 0:
+            raise ConfigError(f"translate must be >= 0 pixels, got {self.translate}")
+        return self
+
+
+@dataclass
+class Progress:
+    """What a callback receives. ``clean_acc``/``asr`` are None when no evaluation ran at this point."""
+
+    event: str
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    elapsed_s: float
+    images_per_s: float
+    clean_acc: float | None = None
+    asr: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+    @property
+    def eta_s(self) -> float:
+        return self.elapsed_s / self.fraction * (1 - self.fraction) if self.step else float("nan")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per evaluation
+    steps: int = 0
+    total_steps: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    final: dict = field(default_factory=dict)  # clean_acc, asr on the whole test sets
+
+
+class Trainer:
+    def __init__(self, model, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None,
+                 schedule: Schedule | None = None, evaluator: Evaluator | None = None,
+                 params: list[torch.nn.Parameter] | None = None, stop: threading.Event | None = None,
+                 freeze_bn: bool = False):
+        self.cfg = (config or TrainConfig()).validate()
+        if len(y) == 0:
+            raise ConfigError("no training images")
+        self.model, self.x, self.y = model, x, y
+        self.device = next(model.parameters()).device
+        self.schedule = schedule or WarmupLinear(peak=self.cfg.lr, warmup=self.cfg.warmup)
+        self.evaluator = evaluator
+        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.stop = stop or threading.Event()
+        self.callbacks: dict[str, list[Callable[[Progress], None]]] = defaultdict(list)
+        self.amp = pick_amp(self.device, self.cfg.amp)
+        self.freeze_bn = freeze_bn  # keep BatchNorm statistics fixed (when only the head trains)
+
+    def add_callback(self, event: str, fn: Callable[[Progress], None]) -> None:
+        if event not in ("on_step", "on_epoch_end"):
+            raise ConfigError(f"unknown callback event {event!r}: use 'on_step' or 'on_epoch_end'")
+        self.callbacks[event].append(fn)
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def _fire(self, event: str, prog: Progress) -> None:
+        for fn in self.callbacks[event]:
+            fn(prog)
+
+    def _evaluate(self, live: bool) -> dict:
+        if self.evaluator is None:
+            return {"clean_acc": None, "asr": None}
+        return self.evaluator(self.model, live=live, amp_dtype=self.amp, channels_last=self.cfg.channels_last)
+
+    def run(self) -> TrainResult:
+        cfg, model = self.cfg, self.model
+        n = len(self.y)
+        bs = min(int(cfg.batch_size), n)
+        steps_per_epoch = math.ceil(n / bs)
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(self.params, lr=self.schedule.lr(0, total), momentum=cfg.momentum,
+                              nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        res = TrainResult(total_steps=total)
+        t0 = time.perf_counter()
+        seen = 0
+        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+
+        def progress(event, step, metrics):
+            el = time.perf_counter() - t0
+            nonlocal loss_sum, loss_n
+            loss = (loss_sum / max(1, loss_n)).item() if loss_n else float("nan")
+            row = Progress(event, step, total, step / steps_per_epoch, loss, opt.param_groups[0]["lr"], el,
+                           seen / el if el > 0 else 0.0, metrics.get("clean_acc"), metrics.get("asr"))
+            if metrics.get("clean_acc") is not None or metrics.get("asr") is not None:
+                res.history.append({k: v for k, v in asdict(row).items() if k not in ("event",)})
+            return row
+
+        if cfg.eval_at_start and self.evaluator is not None:
+            self._fire("on_step", progress("start", 0, self._evaluate(live=True)))
+        model.train()
+        if self.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        step = 0
+        while step < total and not self.stop.is_set():
+            perm = torch.randperm(n, device=self.device, generator=gen)
+            for i in range(0, n, bs):
+                if step >= total or self.stop.is_set():
+                    break
+                idx = perm[i:i + bs]
+                xb = self.x[idx]
+                if cfg.flip or cfg.translate:
+                    xb = augment(xb, flip=cfg.flip, translate=cfg.translate, generator=gen)
+                xb = xb.float().div_(255.0)
+                if cfg.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                for g in opt.param_groups:
+                    g["lr"] = self.schedule.lr(step, total)
+                with autocast_ctx(self.device, self.amp):
+                    out = model(xb)
+                loss = F.cross_entropy(out.float(), self.y[idx], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                seen += len(idx)
+                loss_sum += loss.detach()
+                loss_n += 1
+                epoch_end = step % steps_per_epoch == 0 or step == total
+                if cfg.eval_every and step % cfg.eval_every == 0 and not epoch_end:
+                    self._fire("on_step", progress("step", step, self._evaluate(live=True)))
+                    loss_sum.zero_()
+                    loss_n = 0
+                if epoch_end:
+                    self._fire("on_epoch_end", progress("epoch", step, self._evaluate(live=True)))
+                    loss_sum.zero_()
+                    loss_n = 0
+        res.steps = step
+        res.stopped = step < total
+        if res.stopped and step % steps_per_epoch != 0:  # keep a last point on the curve where we stopped
+            self._fire("on_epoch_end", progress("stop", step, self._evaluate(live=True)))
+        res.seconds = time.perf_counter() - t0
+        res.images_per_s = seen / res.seconds if res.seconds > 0 else 0.0
+        res.final = self._evaluate(live=False)
+        model.eval()
+        return res
