@@ -100,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="id of the poisoned run")
     p.add_argument("--defense", default="sft", help=", ".join(DEFENSES))
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="defense setting, repeatable (e.g. lr=0.02)")
-    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.05)")
+    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.2)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: as the run)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="the whole story: poison, train, defend with FT and SFT, measure")
     _add_attack_args(p)
     p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
-    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.05)")
+    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.2)")
     p.add_argument("--no-store", action="store_true", help="do not store the runs")
     p.add_argument("--json", action="store_true")
 

@@ -206,10 +206,9 @@ def load_npz(path: str | Path, name: str | None = None) -> ImageData:
                                   "x_test, y_test (uint8 images N,H,W,C and integer labels)")
             xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
             classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except ValueError as exc:  # object arrays need pickle, which we refuse
-        raise ConfigError(f"{path} could not be read safely ({exc}); store plain numeric arrays") from exc
-    except (OSError, EOFError) as exc:
-        raise ConfigError(f"{path} is not a readable .npz file ({exc})") from exc
+    except (ValueError, OSError, EOFError) as exc:  # object arrays need pickle, which we refuse
+        raise ConfigError(f"{path} is not a readable plain .npz file ({exc}); bdft reads numeric arrays only "
+                          "and never unpickles") from None
     x_train, x_test = _to_nchw(xtr, "x_train"), _to_nchw(xte, "x_test")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ConfigError(f"{path}: train images {tuple(x_train.shape[1:])} and test images "
@@ -334,7 +333,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise ConfigError(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
     if arr.size != int(np.prod(dims)):
         raise ConfigError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
     return arr.reshape(dims)

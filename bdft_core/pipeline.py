@@ -32,7 +32,7 @@ PARADIGMS = ("standalone",)
 # Passes over the training set when ``epochs`` is not given: enough for the defaults to reach the
 # README's figures on a 2-core CPU in about a minute (more epochs help, on a GPU especially).
 DEFAULT_EPOCHS = {"cifar10": 2.0, "gtsrb": 5.0, "svhn": 2.0, "mnist": 1.0, "fashion_mnist": 2.0, "digits": 15.0}
-DEFAULT_CLEAN_FRACTION = 0.05  # the defender's clean-data budget: 5% of the training set
+DEFAULT_CLEAN_FRACTION = 0.2  # the defender's clean-data budget: 20% of the training set
 
 
 @dataclass

@@ -94,7 +94,7 @@ def test_sig_clips_to_pixel_range():
 def test_sig_clean_label_poisons_only_target_class_and_keeps_labels():
     x = torch.full((40, 1, 4, 4), 100, dtype=torch.uint8)
     y = torch.arange(40) % 4
-    a = build_attack("sig", (1, 4, 4), 4, target=2)
+    a = build_attack("sig", (1, 4, 4), 4, target=2, frequency=1)
     ps = a.poison(x, y, 0.2, Splits(40, 0))  # 8 requested, 10 target-class images exist
     assert len(ps.poison_idx) == 8
     assert torch.all(y[ps.poison_idx] == 2)
@@ -112,7 +112,7 @@ def test_lf_trigger_is_low_frequency_with_max_eps():
     f = torch.fft.fft2(t)
     k = torch.fft.fftfreq(16, d=1 / 16).abs()
     high = (k[:, None] > 2) | (k[None, :] > 2)
-    assert f[:, high].abs().max().item() < 1e-9
+    assert f[:, high].abs().max().item() < 1e-6 * f.abs().max().item()  # float32 rounding only
     out = a.apply(const(3, 16, 16, 0.5))
     assert torch.allclose(out, 0.5 + a.trigger[None], atol=1e-6)
 

@@ -18,7 +18,7 @@ class FineTuning(Defense):
     title = "Fine-tuning (FT)"
     paper = "Sha et al. 2022, arXiv:2212.09067"
     needs = "clean labelled data (the clean-data budget); no poisoned data, no trigger"
-    defaults = {"lr": 0.01, "epochs": 5.0, "min_steps": 60, "batch_size": 256, "last_layer_only": False, "momentum": 0.9,
+    defaults = {"lr": 0.01, "epochs": 4.0, "min_steps": 60, "batch_size": 64, "last_layer_only": False, "momentum": 0.9,
                 "weight_decay": 5e-4}
     help = {"lr": "learning rate (constant)", "epochs": "passes over the clean data", "min_steps": "run at least this many steps (small budgets)",
             "batch_size": "images per step", "last_layer_only": "train only the final linear layer",

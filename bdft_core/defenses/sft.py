@@ -17,8 +17,8 @@ class SuperFineTuning(Defense):
     title = "Super-fine-tuning (SFT)"
     paper = "Sha et al. 2022, arXiv:2212.09067"
     needs = "clean labelled data (the clean-data budget); no poisoned data, no trigger"
-    defaults = {"base_lr": 3e-4, "max_lr1": 0.1, "max_lr2": 0.001, "phase1": 0.4, "cycles": 1, "epochs": 5.0, "min_steps": 60,
-                "batch_size": 256, "last_layer_only": False, "momentum": 0.9, "weight_decay": 5e-4}
+    defaults = {"base_lr": 3e-4, "max_lr1": 0.1, "max_lr2": 0.001, "phase1": 0.4, "cycles": 1, "epochs": 4.0, "min_steps": 60,
+                "batch_size": 64, "last_layer_only": False, "momentum": 0.9, "weight_decay": 5e-4}
     help = {"base_lr": "lowest learning rate of each cycle", "max_lr1": "peak learning rate in phase 1 (large)",
             "max_lr2": "peak learning rate in phase 2 (small)", "phase1": "share of the steps in phase 1",
             "cycles": "triangular cycles per phase", "epochs": "passes over the clean data", "min_steps": "run at least this many steps (small budgets)",

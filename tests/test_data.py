@@ -1,0 +1,156 @@
+"""Dataset registry, formats, splits and batched augmentation."""
+import gzip
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bdft_core.data import Splits, augment, available_datasets, load_dataset, save_npz
+from bdft_core.errors import ConfigError, DatasetNotFound
+
+
+def test_digits_is_always_available_offline():
+    d = load_dataset("digits")
+    assert d.x_train.dtype == torch.uint8 and d.x_train.shape[1:] == (1, 8, 8)
+    assert len(d.y_train) + len(d.y_test) == 1797 and d.num_classes == 10
+    assert int(d.x_train.max()) == 255
+    assert "digits" in available_datasets()
+
+
+def _write_npz(path, n=20, shape=(6, 6, 3), classes=("a", "b")):
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (n, *shape), dtype=np.uint8), y_train=np.arange(n) % 2,
+             x_test=rng.integers(0, 256, (n // 2, *shape), dtype=np.uint8), y_test=np.arange(n // 2) % 2,
+             classes=np.array(classes))
+
+
+def test_npz_path_and_registry_name_in_data_dir(tmp_path, monkeypatch):
+    _write_npz(tmp_path / "cifar10.npz")
+    d = load_dataset(str(tmp_path / "cifar10.npz"))
+    assert d.x_train.shape == (20, 3, 6, 6) and d.classes == ["a", "b"]
+    monkeypatch.setenv("BDFT_DATA_DIR", str(tmp_path))
+    d2 = load_dataset("CIFAR-10")  # alias, case-insensitive, resolved in BDFT_DATA_DIR
+    assert torch.equal(d.x_train, d2.x_train)
+
+
+def test_npz_roundtrip(tmp_path):
+    d = load_dataset("digits")
+    save_npz(d, tmp_path / "x.npz")
+    d2 = load_dataset(str(tmp_path / "x.npz"))
+    assert torch.equal(d.x_train, d2.x_train) and torch.equal(d.y_test, d2.y_test) and d2.classes == d.classes
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(x_train=np.zeros((2, 4, 4, 3), np.float32)), "uint8"),
+    (dict(y_train=None), "lacks"),
+    (dict(y_train=np.zeros(3)), "does not match"),
+])
+def test_bad_npz_gives_clear_error(tmp_path, bad, msg):
+    arrays = dict(x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.zeros(2), x_test=np.zeros((2, 4, 4, 3), np.uint8),
+                  y_test=np.zeros(2))
+    arrays.update(bad)
+    np.savez(tmp_path / "b.npz", **{k: v for k, v in arrays.items() if v is not None})
+    with pytest.raises(ConfigError, match=msg):
+        load_dataset(str(tmp_path / "b.npz"))
+
+
+def test_pickled_npz_is_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", x_train=np.array([object()], dtype=object), y_train=np.zeros(1),
+             x_test=np.zeros((1, 2, 2, 3), np.uint8), y_test=np.zeros(1))
+    with pytest.raises(ConfigError, match="never unpickles"):
+        load_dataset(str(tmp_path / "p.npz"))
+
+
+def test_not_an_npz_file(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"hello")
+    with pytest.raises(ConfigError, match="not a readable"):
+        load_dataset(str(tmp_path / "junk.npz"))
+
+
+def test_missing_dataset_offline_is_a_clear_fast_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BDFT_DATA_DIR", str(tmp_path))
+    t = time.perf_counter()
+    with pytest.raises(DatasetNotFound, match=r"svhn\.npz.*BDFT_DATA_DIR"):
+        load_dataset("svhn", download=False)
+    monkeypatch.setenv("BDFT_OFFLINE", "1")
+    with pytest.raises(DatasetNotFound, match="BDFT_OFFLINE"):
+        load_dataset("mnist")
+    assert time.perf_counter() - t < 10
+
+
+def test_missing_dataset_without_network_does_not_hang(tmp_path, monkeypatch):
+    import bdft_core.data as data
+
+    monkeypatch.setattr(data, "_host_reachable", lambda host: False)
+    with pytest.raises(DatasetNotFound, match="cannot be reached"):
+        load_dataset("gtsrb", root=tmp_path)
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def _idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_raw_idx_files(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        _idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    d = load_dataset("fashion_mnist", root=tmp_path)
+    assert d.x_train.shape == (12, 1, 28, 28) and d.classes[0] == "T-shirt/top" and d.y_test.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_image_folder_split_and_resize(tmp_path):
+    from PIL import Image
+
+    for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (12, 9), colour).save(tmp_path / "imgs" / c / f"{i}.png")
+    d = load_dataset(str(tmp_path / "imgs"), image_size=16)
+    assert d.classes == ["cat", "dog"] and d.x_train.shape[1:] == (3, 16, 16)
+    assert len(d.y_train) == 8 and len(d.y_test) == 2 and sorted(d.y_test.tolist()) == [0, 1]
+    assert d.x_train[d.y_train == 0][:, 0].min() == 255
+
+
+def test_splits_disjoint_nested_and_seeded():
+    s = Splits(1000, seed=3)
+    d5 = set(s.defender_indices(0.05).tolist())
+    d50 = set(s.defender_indices(0.5).tolist())
+    p = set(s.poison_indices(100).tolist())
+    assert len(d5) == 50 and d5 <= d50 and not (d50 & p)
+    assert Splits(1000, 3).poison_indices(10).tolist() == s.poison_indices(10).tolist()
+    assert Splits(1000, 4).poison_indices(10).tolist() != s.poison_indices(10).tolist()
+    assert len(s.defender_indices(0.005)) == 5 and len(s.defender_indices(1.0)) == 1000
+    for bad in (0, 0.001, 1.5):
+        with pytest.raises(ConfigError, match="clean fraction"):
+            s.defender_indices(bad)
+
+
+def test_augment_flip_and_translate_are_exact_shifts():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).reshape(2, 1, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    seen_flip = seen_keep = False
+    for _ in range(20):
+        out = augment(x, flip=True, translate=0, generator=g)
+        for i in range(2):
+            assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+            seen_flip |= torch.equal(out[i], x[i].flip(2))
+            seen_keep |= torch.equal(out[i], x[i])
+    assert seen_flip and seen_keep
+    out = augment(x.float(), flip=False, translate=1, generator=g)
+    pad = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect")
+    for i in range(2):  # each output is one of the 9 crops of the reflect-padded image
+        crops = [pad[i, :, dy:dy + 6, dx:dx + 6] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], c) for c in crops)
+    assert augment(x, translate=2, generator=g).dtype == torch.uint8

@@ -1,0 +1,97 @@
+"""Run store: atomic records, listing, loading and deleting; bad checkpoints give clear errors."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from bdft_core.errors import CheckpointError, RunNotFound
+from bdft_core.models import build_model
+from bdft_core.pipeline import AttackConfig, run_attack, run_defense
+from bdft_core.runs import RunStore, load_state_checked
+
+QUICK = dict(dataset="digits", epochs=3, model_kwargs={"widths": [8, 8, 16]}, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    run, model = run_attack(AttackConfig(**QUICK), store=store)
+    child, _ = run_defense(run.id, "ft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.1, store=store)
+    return store, run, child
+
+
+def test_run_record_has_everything(stored):
+    store, run, child = stored
+    r = store.get(run.id)
+    assert r.kind == "attack" and r.seed == 0 and r.versions["torch"] == torch.__version__
+    assert {"clean_acc", "asr"} <= set(r.final) and r.history and r.timings["train_s"] > 0
+    assert r.device.startswith("cpu") and r.config["poison_rate"] == 0.1
+    c = store.get(child.id)
+    assert c.parent == run.id and c.defense["name"] == "ft" and c.config["clean_fraction"] == 0.1
+    assert c.history[0]["step"] == 0  # the defense's curve starts at the poisoned model
+    rows = store.list()
+    assert [x["id"] for x in rows] == [child.id, run.id] or {x["id"] for x in rows} == {child.id, run.id}
+    assert store.children(run.id)[0]["id"] == child.id
+
+
+def test_load_model_reproduces_metrics(stored):
+    store, run, _ = stored
+    from bdft_core.pipeline import attack_config_of, prepare
+
+    from bdft_core.device import amp_dtype
+
+    _, model = store.load_model(run.id)
+    s = prepare(attack_config_of(run))  # the same precision as during training
+    assert s.evaluator(model, amp_dtype=amp_dtype(s.device))["clean_acc"] == pytest.approx(run.final["clean_acc"], abs=1e-6)
+
+
+def test_crash_mid_write_never_breaks_listing(stored, tmp_path):
+    store = RunStore(tmp_path / "r")
+    (store.root / "20260101-000000-attack-dead00").mkdir()
+    (store.root / "20260101-000000-attack-dead00" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert store.list() == []
+    with pytest.raises(RunNotFound):
+        store.get("20260101-000000-attack-dead00")
+    assert store.gc() == ["20260101-000000-attack-dead00"]
+
+
+def test_unknown_and_invalid_run_ids(stored):
+    store = stored[0]
+    for rid in ("nope", "../etc", ""):
+        with pytest.raises(RunNotFound):
+            store.get(rid)
+
+
+def _model():
+    return build_model("fastnet", 10, 1, widths=(8, 8, 16))
+
+
+def test_corrupt_truncated_pickled_and_mismatched_checkpoints(stored, tmp_path):
+    store, run, _ = stored
+    good = (store.path(run.id) / "model.safetensors").read_bytes()
+    load_state_checked(_model(), good)  # the real one loads
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\x00\x01not safetensors at all",
+        "pickle": pickle.dumps({"classifier.weight": torch.zeros(2)}),
+    }
+    for name, blob in cases.items():
+        with pytest.raises(CheckpointError, match="not a valid safetensors"):
+            load_state_checked(_model(), blob, what=name)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_state_checked(build_model("fastnet", 3, 1, widths=(8, 8, 16)), good)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_state_checked(build_model("fastnet", 10, 1, widths=(8, 8, 8)), good)
+    p = tmp_path / "missing.safetensors"
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_checked(_model(), p)
+
+
+def test_delete_removes_children(tmp_path):
+    store = RunStore(tmp_path / "r")
+    run, _ = run_attack(AttackConfig(**{**QUICK, "epochs": 1}), store=store)
+    child, _ = run_defense(run.id, "sft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.05, store=store)
+    assert set(store.delete(run.id)) == {run.id, child.id}
+    assert store.list() == [] and not store.path(run.id).exists()
+    assert json.loads(json.dumps(store.list())) == []

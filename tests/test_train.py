@@ -1,0 +1,66 @@
+"""The training loop: learning, callbacks, cooperative stop, seeding."""
+import threading
+
+import torch
+
+from bdft_core.data import load_dataset
+from bdft_core.metrics import Evaluator, accuracy
+from bdft_core.models import build_model
+from bdft_core.train import TrainConfig, Trainer
+
+
+def _setup(widths=(16, 16, 32)):
+    d = load_dataset("digits")
+    torch.manual_seed(0)
+    m = build_model("fastnet", 10, 1, widths=widths)
+    m.fit_data(d.x_train)
+    return d, m
+
+
+def test_training_learns_digits_and_fires_callbacks():
+    d, m = _setup()
+    ev = Evaluator(d.x_test, d.y_test)
+    tr = Trainer(m, d.x_train, d.y_train, TrainConfig(epochs=6, batch_size=128, lr=0.2, eval_every=3), evaluator=ev)
+    epochs, steps = [], []
+    tr.add_callback("on_epoch_end", epochs.append)
+    tr.add_callback("on_step", steps.append)
+    res = tr.run()
+    assert res.final["clean_acc"] > 0.85 and not res.stopped
+    assert [round(p.epoch) for p in epochs] == [1, 2, 3, 4, 5, 6]
+    assert steps and all(p.step % 3 == 0 for p in steps)
+    assert all(p.clean_acc is not None and 0 <= p.clean_acc <= 1 and p.lr >= 0 for p in epochs)
+    assert len(res.history) == len(epochs) + len(steps)
+
+
+def test_stop_flag_ends_within_one_step_and_keeps_progress():
+    d, m = _setup()
+    stop = threading.Event()
+    tr = Trainer(m, d.x_train, d.y_train, TrainConfig(epochs=50, batch_size=64, eval_every=1),
+                 evaluator=Evaluator(d.x_test, d.y_test), stop=stop)
+    tr.add_callback("on_step", lambda p: stop.set() if p.step == 5 else None)
+    res = tr.run()
+    assert res.stopped and res.steps == 5 and res.total_steps > 5
+    assert res.final["clean_acc"] is not None
+
+
+def test_same_seed_same_model():
+    outs = []
+    for _ in range(2):
+        d, m = _setup((8, 8, 8))
+        Trainer(m, d.x_train, d.y_train, TrainConfig(epochs=1, batch_size=128, seed=7, amp="off")).run()
+        outs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_accuracy_is_exact_on_a_hand_built_model():
+    class Threshold(torch.nn.Module):  # class 1 when the mean pixel is above 0.5
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            s = x.mean(dim=(1, 2, 3)) - 0.5
+            return torch.stack([-s, s], 1) * self.w
+
+    x = torch.tensor([0, 200, 255, 10], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    assert accuracy(Threshold(), x, torch.tensor([0, 1, 1, 1]), channels_last=False) == 0.75
