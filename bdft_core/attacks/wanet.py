@@ -16,12 +16,16 @@ class WaNet(Attack):
     """A fixed smooth warping field: a random ``grid_size`` x ``grid_size`` field of 2-D offsets,
     normalised to mean absolute value 1, upsampled (bicubic) to the image and scaled by
     ``strength / H`` (in grid_sample's [-1, 1] coordinates). In noise mode ``cross_ratio`` times as
-    many further training images get the warp plus per-image random noise, labels kept."""
+    many further training images get the warp plus per-image random noise, labels kept.
+
+    Default strength is 1.0, twice the paper's 0.5 for CIFAR-10: our demo trains for 2 epochs, in
+    which s = 0.5 reaches ASR 0.84 and s = 1.0 reaches 0.97 (measured, README). Set 0.5 for the
+    paper's setting with longer training."""
 
     name = "wanet"
     title = "WaNet (warping)"
     paper = "Nguyen & Tran 2021, ICLR, arXiv:2102.10369"
-    defaults = {"grid_size": 4, "strength": 0.5, "grid_rescale": 1.0, "noise_mode": True, "cross_ratio": 2.0}
+    defaults = {"grid_size": 4, "strength": 1.0, "grid_rescale": 1.0, "noise_mode": True, "cross_ratio": 2.0}
     help = {"grid_size": "number of control points per side of the warping field (k); smaller is smoother",
             "strength": "warping strength (s); larger is easier to learn and easier to see",
             "grid_rescale": "extra scale on the warp",

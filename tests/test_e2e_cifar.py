@@ -1,0 +1,32 @@
+"""End to end on real CIFAR-10 (through the dataset registry: BDFT_DATA_DIR, or a download when
+online): the README's demo figures, and the other default attacks' ASR."""
+import pytest
+
+from bdft_core.pipeline import AttackConfig, run_attack, run_demo
+from bdft_core.runs import RunStore
+
+from conftest import real_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cifar():
+    real_dataset("cifar10")
+
+
+def test_demo_badnets_poisons_then_sft_removes_the_backdoor(tmp_path):
+    store = RunStore(tmp_path)
+    out = run_demo(AttackConfig(dataset="cifar10"), store=store)
+    p, sft, ft = out["poisoned"], out["defended"]["sft"], out["defended"]["ft"]
+    print(out)
+    assert p["clean_acc"] >= 0.70 and p["asr"] >= 0.95
+    assert sft["asr"] <= 0.05
+    assert sft["clean_acc"] >= p["clean_acc"] - 0.03
+    assert ft["asr"] < p["asr"]  # plain FT also lowers it, though less
+    assert len(store.list()) == 3
+
+
+@pytest.mark.parametrize("attack", ["blended", "wanet"])
+def test_default_attacks_reach_high_asr(attack):
+    run, _ = run_attack(AttackConfig(dataset="cifar10", attack=attack))
+    print(attack, run.final)
+    assert run.final["asr"] >= 0.90 and run.final["clean_acc"] >= 0.65
