@@ -62,7 +62,9 @@ class Defense:
         return self.schedule().values(self.total_steps(n_clean))
 
     def trainable(self, model):
-        return None  # all parameters that require grad
+        """The parameters to train: the final linear layer with ``last_layer_only``, else all
+        (None = every parameter that requires grad)."""
+        return list(model.classifier.parameters()) if self.params.get("last_layer_only") else None
 
     def train_config(self, seed: int, n_clean: int, **over) -> TrainConfig:
         p = self.params

@@ -31,8 +31,3 @@ class FineTuning(Defense):
 
     def schedule(self):
         return Constant(float(self.params["lr"]))
-
-    def trainable(self, model):
-        if self.params["last_layer_only"]:
-            return list(model.classifier.parameters())
-        return None

@@ -33,6 +33,3 @@ class SuperFineTuning(Defense):
         p = self.params
         return SFTSchedule(base=float(p["base_lr"]), max1=float(p["max_lr1"]), max2=float(p["max_lr2"]),
                            phase1=float(p["phase1"]), cycles=int(p["cycles"]))
-
-    def trainable(self, model):
-        return list(model.classifier.parameters()) if self.params["last_layer_only"] else None
