@@ -83,6 +83,7 @@ def test_missing_dataset_offline_is_a_clear_fast_error(tmp_path, monkeypatch):
 def test_missing_dataset_without_network_does_not_hang(tmp_path, monkeypatch):
     import bdft_core.data as data
 
+    monkeypatch.delenv("BDFT_OFFLINE", raising=False)  # CI sets it; here we test the reachability check
     monkeypatch.setattr(data, "_host_reachable", lambda host: False)
     with pytest.raises(DatasetNotFound, match="cannot be reached"):
         load_dataset("gtsrb", root=tmp_path)
