@@ -26,7 +26,3 @@ class RunNotFound(BdftError, KeyError):
 
     def __str__(self):  # KeyError would quote the message
         return str(self.args[0]) if self.args else "run not found"
-
-
-class Stopped(BdftError):
-    """Raised nowhere by default; available to callers that want to turn a stop into an error."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError, RunNotFound
+from .errors import CheckpointError, RunNotFound
 
 DEFAULT_RUNS_DIR = Path("~/.bdft/runs")
 SCHEMA_VERSION = 1
@@ -251,9 +251,7 @@ def _json_default(o):
         return o.tolist() if o.numel() <= 64 else f"<tensor {tuple(o.shape)}>"
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, float):
-        return o
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-__all__ = ["Run", "RunStore", "load_state_checked", "new_run_id", "runs_dir", "versions", "ConfigError"]
+__all__ = ["Run", "RunStore", "load_state_checked", "new_run_id", "runs_dir", "versions"]

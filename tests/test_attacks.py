@@ -227,3 +227,11 @@ def test_user_trigger_image_file_and_bad_file(tmp_path):
     bad.write_bytes(b"this is not an image")
     with pytest.raises(ConfigError, match="could not be read"):
         build_attack("badnets", (3, 8, 8), 10, pattern=str(bad))
+
+
+def test_config_of_an_attack_with_an_array_trigger_is_json():
+    import json
+
+    a = build_attack("badnets", (3, 8, 8), 10, size=2, pattern=np.zeros((2, 2, 3), np.uint8), position=[1, 1])
+    cfg = json.loads(json.dumps(a.config()))
+    assert cfg["params"]["pattern"] == "<ndarray image>" and cfg["params"]["position"] == [1, 1]

@@ -77,7 +77,14 @@ class Attack:
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this attack (JSON-friendly)."""
-        params = {k: (v if not isinstance(v, torch.Tensor) else "<tensor>") for k, v in self.params.items()}
+        def plain(v):  # an image given as an array/tensor/PIL object is described, not embedded
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return v
+            if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float)) for e in v):
+                return list(v)
+            return f"<{type(v).__name__} image>"
+
+        params = {k: plain(v) for k, v in self.params.items()}
         return {"name": self.name, "target": self.target, "mode": self.mode, "seed": self.seed, "params": params}
 
     def apply_uint8(self, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
