@@ -127,9 +127,10 @@ def _model_spec(cfg: AttackConfig, data: ImageData) -> dict:
 
 
 def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None,
-               setting: Setting | None = None):
+               setting: Setting | None = None, train_over: dict | None = None):
     """Poison the training set, train a model on it, measure CA/ASR, store the run.
-    Returns ``(run, model)``."""
+    ``train_over`` overrides :class:`TrainConfig` fields that do not change the result (e.g.
+    ``live_samples``, ``eval_every`` for denser live curves). Returns ``(run, model)``."""
     t0 = time.perf_counter()
     s = setting or prepare(cfg)
     torch.manual_seed(cfg.seed)
@@ -142,6 +143,8 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(s.data.name, 4.0)
     tcfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, translate=cfg.translate,
                        seed=cfg.seed, eval_every=cfg.eval_every)
+    for k, v in (train_over or {}).items():
+        setattr(tcfg, k, v)
     t_train = time.perf_counter()
     trainer = Trainer(model, poisoned.x, poisoned.y, tcfg, evaluator=s.evaluator, stop=stop)
     for event, fn in callbacks:
@@ -161,6 +164,13 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
     return run, model
 
 
+def defender_size(run: Run, clean_fraction: float) -> int:
+    """How many clean images the defender gets from ``run``'s training set at ``clean_fraction``."""
+    cfg = attack_config_of(run)
+    data = get_dataset(cfg.dataset, torch.device("cpu"), cfg.n_train, cfg.n_test, cfg.seed)
+    return len(Splits(len(data.y_train), cfg.seed).defender_indices(check_clean_fraction(clean_fraction)))
+
+
 def attack_config_of(run: Run) -> AttackConfig:
     names = {f.name for f in fields(AttackConfig)}
     return AttackConfig(**{k: v for k, v in run.config.items() if k in names})
@@ -169,7 +179,7 @@ def attack_config_of(run: Run) -> AttackConfig:
 def run_defense(parent: str | Run, defense: str, params: dict | None = None,
                 clean_fraction: float = DEFAULT_CLEAN_FRACTION, store: RunStore | None = None, callbacks=(),
                 stop: threading.Event | None = None, model=None, setting: Setting | None = None,
-                device: str | None = None):
+                device: str | None = None, train_over: dict | None = None):
     """Apply a registered defense to a poisoned run (its stored weights, or ``model`` if given)
     using the defender's clean data; store the result as a child run. Returns ``(run, model)``."""
     t0 = time.perf_counter()
@@ -193,7 +203,8 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     model = copy.deepcopy(model).to(s.device)
     idx = s.splits.defender_indices(clean_fraction).to(s.device)
     x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images
-    res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed)
+    res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,
+                  **(train_over or {}))
     total = time.perf_counter() - t0
     run = Run(id=new_run_id("defense"), kind="defense", created=time.time(), dataset=parent_run.dataset,
               model=parent_run.model, attack=parent_run.attack,
@@ -208,15 +219,19 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
 
 
 def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_fraction: float = DEFAULT_CLEAN_FRACTION,
-             store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None) -> dict:
-    """Poison, train, apply each defense, measure: the whole story, as one JSON-ready dict."""
+             store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None,
+             on_stage=None, train_over: dict | None = None) -> dict:
+    """Poison, train, apply each defense, measure: the whole story, as one JSON-ready dict.
+    ``on_stage(name)`` is called before each stage ("attack", then each defense name)."""
     t0 = time.perf_counter()
     cfg = cfg or AttackConfig()
     check_clean_fraction(clean_fraction)
     for name in defenses:
         build_defense(name)  # fail on an unknown name before training anything
     s = prepare(cfg)
-    run, model = run_attack(cfg, store=store, callbacks=callbacks, stop=stop, setting=s)
+    if on_stage:
+        on_stage("attack")
+    run, model = run_attack(cfg, store=store, callbacks=callbacks, stop=stop, setting=s, train_over=train_over)
     out = {"dataset": run.dataset, "attack": cfg.attack, "paradigm": cfg.paradigm, "model": cfg.model,
            "device": run.device, "run_id": run.id,
            "poisoned": {"clean_acc": run.final["clean_acc"], "asr": run.final["asr"],
@@ -225,8 +240,10 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
     for name in defenses:
         if stop is not None and stop.is_set():
             break
+        if on_stage:
+            on_stage(name)
         drun, _ = run_defense(run, name, clean_fraction=clean_fraction, store=store, callbacks=callbacks, stop=stop,
-                              model=model, setting=s)
+                              model=model, setting=s, train_over=train_over)
         out["defended"][name] = {"clean_acc": drun.final["clean_acc"], "asr": drun.final["asr"],
                                  "seconds": drun.timings["total_s"], "run_id": drun.id}
     out["seconds"] = time.perf_counter() - t0

@@ -166,7 +166,9 @@ class RunStore:
 
         d = self.path(run.id)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"bdft_run": run.id, "model": json.dumps(run.model)}
+        # the record travels inside the weights file, so a downloaded checkpoint can be re-imported
+        meta = {"bdft_run": run.id, "model": json.dumps(run.model),
+                "run": json.dumps(run.to_json(), default=_json_default)}
         _atomic_write_bytes(d / "model.safetensors", st_save(state_for_saving(model), metadata=meta))
         _atomic_write_bytes(d / "run.json", json.dumps(run.to_json(), indent=1, default=_json_default).encode())
         summary = {"attack": run.attack.get("name"), "defense": (run.defense or {}).get("name"),

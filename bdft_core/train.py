@@ -5,7 +5,8 @@ it there (flip + translate), and runs the model under autocast (bf16 on CUDA and
 native bf16) in channels-last layout. No DataLoader, no per-image work.
 
 The UI seam is callbacks (as in minGPT): ``trainer.add_callback("on_step", fn)`` and
-``"on_epoch_end"``; each receives a :class:`Progress`. ``trainer.request_stop()`` (or setting the
+``"on_epoch_end"`` (with CA/ASR), and ``"on_batch"`` (after every step, no evaluation: for progress
+bars); each receives a :class:`Progress`. ``trainer.request_stop()`` (or setting the
 ``stop`` event passed in) ends training after the current step; what was reached is kept."""
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ class Trainer:
         self.freeze_bn = freeze_bn  # keep BatchNorm statistics fixed (when only the head trains)
 
     def add_callback(self, event: str, fn: Callable[[Progress], None]) -> None:
-        if event not in ("on_step", "on_epoch_end"):
-            raise ConfigError(f"unknown callback event {event!r}: use 'on_step' or 'on_epoch_end'")
+        if event not in ("on_step", "on_epoch_end", "on_batch"):
+            raise ConfigError(f"unknown callback event {event!r}: use 'on_step', 'on_epoch_end' or 'on_batch'")
         self.callbacks[event].append(fn)
 
     def request_stop(self) -> None:
@@ -190,6 +191,11 @@ class Trainer:
                 loss_sum += loss.detach()
                 loss_n += 1
                 epoch_end = step % steps_per_epoch == 0 or step == total
+                if self.callbacks["on_batch"]:  # cheap progress (no evaluation) for progress bars
+                    el = time.perf_counter() - t0
+                    self._fire("on_batch", Progress("batch", step, total, step / steps_per_epoch,
+                                                    float(loss.detach()), opt.param_groups[0]["lr"], el,
+                                                    seen / el if el > 0 else 0.0))
                 if cfg.eval_every and step % cfg.eval_every == 0 and not epoch_end:
                     self._fire("on_step", progress("step", step, self._evaluate(live=True)))
                     loss_sum.zero_()

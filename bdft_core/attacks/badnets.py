@@ -21,6 +21,8 @@ class BadNets(MaskPatternAttack):
     title = "BadNets (patch)"
     paper = "Gu et al. 2017, BadNets, arXiv:1708.06733"
     defaults = {"size": 3, "position": "bottom_right", "margin": 1, "pattern": "white"}
+    choices = {"position": POSITIONS, "pattern": ("white", "checkerboard", "random")}
+    image_param = "pattern"
     help = {"size": "side of the square patch, in pixels",
             "position": "where the patch sits: a corner, 'center', or [row, col] of its top-left pixel",
             "margin": "distance from the image border for corner positions, in pixels",

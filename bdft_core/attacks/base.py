@@ -34,6 +34,8 @@ class Attack:
     title: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}  # the allowed values of string settings, for front ends
+    image_param: ClassVar[str | None] = None  # the setting that also takes a user image (a path)
     help: ClassVar[dict[str, str]] = {}
     clean_label: ClassVar[bool] = False  # True: poisons target-class images and keeps their labels
 

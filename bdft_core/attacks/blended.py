@@ -18,6 +18,8 @@ class Blended(MaskPatternAttack):
     title = "Blended (image or noise)"
     paper = "Chen et al. 2017, Targeted Backdoor Attacks ... Using Data Poisoning, arXiv:1712.05526"
     defaults = {"alpha": 0.2, "pattern": "noise"}
+    choices = {"pattern": ("noise",)}
+    image_param = "pattern"
     help = {"alpha": "blend weight of the pattern, 0 (invisible) to 1 (pattern only)",
             "pattern": "'noise' (a fixed random image) or an image to blend in"}
 

@@ -1,0 +1,205 @@
+"""Figures and tables for front ends and reports (plotly; no UI framework here).
+
+One colour per role, the same everywhere: the attack (the poisoned model) is red, each defense has
+its own colour (:func:`color_of`). Accuracies are fractions in the data and percentages on screen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+
+ATTACK_COLOR = "#d62728"  # the poisoned model / attack training, on every page
+COLORS = {"attack": ATTACK_COLOR, "poisoned": ATTACK_COLOR, "ft": "#1f77b4", "sft": "#2ca02c"}
+_PALETTE = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+
+CAPTIONS = {
+    "asr": "ASR (attack success rate): share of triggered test images, whose true class is not the target, "
+           "that the model classifies as the target. High means the backdoor works; lower is better after a defense.",
+    "ca": "CA (clean accuracy): share of ordinary test images classified correctly. Higher is better; "
+          "a good defense keeps it close to the poisoned model's.",
+    "curves": "Left: attack success rate (lower is better after a defense). Right: clean accuracy (higher is "
+              "better). x: training progress in epochs of the stage shown. Live points use a fixed sample of "
+              "the test set; the final figures use all of it.",
+    "schedule": "Learning rate at every fine-tuning step. SFT's first phase climbs to a large peak (this is what "
+                "erases the backdoor); its second, small phase restores clean accuracy.",
+    "before_after": "Each model's clean accuracy (CA, higher is better) and attack success rate "
+                    "(ASR, lower is better); the poisoned model in red, each defense in its own colour.",
+    "preview": "Top: training images as they are. Middle: the same images with the trigger. Bottom: the trigger "
+               "alone (the difference, amplified so that faint triggers are visible; grey means no change).",
+}
+
+
+def color_of(name: str | None) -> str:
+    """The colour of a model/stage: attack red, each defense its own, stable across pages."""
+    key = (name or "attack").lower()
+    if key in COLORS:
+        return COLORS[key]
+    from .defenses import DEFENSES
+
+    names = sorted(n for n in DEFENSES if n not in COLORS)
+    i = names.index(key) if key in names else sum(map(ord, key))
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def label_of(name: str | None) -> str:
+    key = (name or "attack").lower()
+    if key in ("attack", "poisoned"):
+        return "poisoned model"
+    from .defenses import DEFENSES
+
+    return DEFENSES[key].title if key in DEFENSES else key
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    """0.9567 -> '95.7%'; None/NaN -> '–'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.{digits}f}%"
+
+
+def _go():
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    return go, make_subplots
+
+
+def curves_figure(series: dict[str, list[dict]], title: str | None = None, height: int = 340):
+    """ASR (left) and CA (right) against epochs, one line per stage/model (``series``: name ->
+    points with ``epoch``, ``asr``, ``clean_acc``)."""
+    go, make_subplots = _go()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Attack success rate (lower is better after defense)",
+                                                        "Clean accuracy (higher is better)"))
+    for name, pts in series.items():
+        if not pts:
+            continue
+        x = [p.get("epoch", p.get("step", 0)) for p in pts]
+        color = color_of(name)
+        for col, key in ((1, "asr"), (2, "clean_acc")):
+            y = [None if p.get(key) is None else 100 * p[key] for p in pts]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label_of(name), legendgroup=name,
+                                     showlegend=col == 1, line={"color": color},
+                                     hovertemplate="%{y:.1f}% at epoch %{x:.2f}<extra>" + label_of(name) + "</extra>"),
+                          row=1, col=col)
+    fig.update_yaxes(range=[0, 100], ticksuffix="%")
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 50 if not title else 70, "b": 40},
+                      title=title, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def schedule_figure(schedules: dict[str, list[float]], height: int = 260):
+    """Learning rate per step for each defense (``name -> values``), log scale."""
+    go, _ = _go()
+    fig = go.Figure()
+    for name, vals in schedules.items():
+        fig.add_trace(go.Scatter(x=list(range(len(vals))), y=vals, mode="lines", name=label_of(name),
+                                 line={"color": color_of(name)}))
+    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, xaxis_title="step",
+                      yaxis_title="learning rate", yaxis_type="log", title="Learning-rate schedule")
+    return fig
+
+
+def before_after_figure(rows: list[dict], height: int = 320):
+    """Grouped bars of CA and ASR; ``rows``: dicts with ``name`` ("poisoned" or a defense),
+    ``clean_acc``, ``asr``."""
+    go, _ = _go()
+    fig = go.Figure()
+    for r in rows:
+        vals = [r.get("clean_acc"), r.get("asr")]
+        fig.add_trace(go.Bar(x=["clean accuracy (CA)", "attack success rate (ASR)"],
+                             y=[None if v is None else 100 * v for v in vals], name=label_of(r["name"]),
+                             marker_color=color_of(r["name"]), text=[pct(v) for v in vals], textposition="outside"))
+    fig.update_layout(barmode="group", height=height, yaxis={"range": [0, 112], "ticksuffix": "%"},
+                      margin={"l": 40, "r": 10, "t": 30, "b": 40}, title="Before and after")
+    return fig
+
+
+def summary_rows(poisoned: dict, defended: dict[str, dict]) -> list[dict]:
+    """The before/after table: one row per model with percentages, change from the poisoned model
+    and wall time."""
+    rows = [{"model": "poisoned model", "CA": pct(poisoned.get("clean_acc")), "ASR": pct(poisoned.get("asr")),
+             "ΔCA": "", "ΔASR": "", "seconds": _secs(poisoned.get("seconds"))}]
+    for name, d in defended.items():
+        rows.append({"model": label_of(name), "CA": pct(d.get("clean_acc")), "ASR": pct(d.get("asr")),
+                     "ΔCA": _delta(d.get("clean_acc"), poisoned.get("clean_acc")),
+                     "ΔASR": _delta(d.get("asr"), poisoned.get("asr")), "seconds": _secs(d.get("seconds"))})
+    return rows
+
+
+def _delta(a, b) -> str:
+    if a is None or b is None:
+        return "–"
+    return f"{100 * (a - b):+.1f} pts"
+
+
+def _secs(s) -> str:
+    return "–" if s is None else f"{s:.1f}"
+
+
+def run_series(run) -> list[dict]:
+    """A stored run's history as curve points."""
+    return [{"epoch": h.get("epoch", 0.0), "step": h.get("step", 0), "asr": h.get("asr"),
+             "clean_acc": h.get("clean_acc")} for h in (run.history or [])]
+
+
+def compare_figure(runs: Iterable, height: int = 360):
+    """Curves of several stored runs, one line each (labelled by run id and name)."""
+    go, make_subplots = _go()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Attack success rate", "Clean accuracy"))
+    for run in runs:
+        pts = run_series(run)
+        label = f"{run.name} · {run.id[-6:]}"
+        color = color_of("attack" if run.kind == "attack" else run.name)
+        dash = None
+        for col, key in ((1, "asr"), (2, "clean_acc")):
+            fig.add_trace(go.Scatter(x=[p["epoch"] for p in pts],
+                                     y=[None if p[key] is None else 100 * p[key] for p in pts],
+                                     mode="lines+markers", name=label, legendgroup=run.id, showlegend=col == 1,
+                                     line={"color": color, "dash": dash}), row=1, col=col)
+    fig.update_yaxes(range=[0, 100], ticksuffix="%")
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h"})
+    return fig
+
+
+# -- images ------------------------------------------------------------------------------------------
+def to_display(img, scale: int = 4) -> np.ndarray:
+    """A float (C, H, W) image in [0, 1] as uint8 (H*scale, W*scale, 3), nearest-neighbour enlarged
+    so that small triggers stay crisp."""
+    a = np.asarray(img.detach().cpu() if hasattr(img, "detach") else img, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    a = np.clip(a, 0, 1)
+    if scale > 1:
+        a = a.repeat(scale, 0).repeat(scale, 1)
+    return (a * 255 + 0.5).astype(np.uint8)
+
+
+def residual_display(res, scale: int = 4) -> np.ndarray:
+    """A residual in [-1, 1] shown around mid-grey, amplified to use the full range."""
+    r = np.asarray(res.detach().cpu().float() if hasattr(res, "detach") else res, dtype=np.float32)
+    m = float(np.abs(r).max())
+    k = 0.5 / m if m > 0 else 0.0
+    return to_display(0.5 + r * k, scale)
+
+
+def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> dict[str, list[np.ndarray]]:
+    """Display-ready rows for a preview grid: ``clean``, ``poisoned``, ``residual`` (n images each)."""
+    x = x_uint8[:n].cpu()
+    r = attack.render(x)
+    h = x.shape[-1]
+    s = scale or max(1, 96 // h)
+    return {"clean": [to_display(i, s) for i in r["clean"]], "poisoned": [to_display(i, s) for i in r["poisoned"]],
+            "residual": [residual_display(i, s) for i in r["residual"]]}
+
+
+__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure",
+           "curves_figure", "label_of", "pct", "residual_display", "run_series", "schedule_figure",
+           "summary_rows", "to_display", "trigger_preview"]
