@@ -1,0 +1,71 @@
+"""Defense lab: pick a poisoned run, one or more defenses and a clean-data budget; run and compare."""
+import streamlit as st
+
+import ui
+from bdft_core import figures
+from bdft_core.defenses import DEFENSES, build_defense
+from bdft_core.pipeline import DEFAULT_CLEAN_FRACTION, defender_size
+
+st.title("Defense lab")
+st.caption("Remove a backdoor: choose a poisoned model, the defenses to try and how much clean data the "
+           "defender has, then compare how far each one lowers the attack success rate and what it costs.")
+
+runs = ui.store().list(kind="attack")
+if not runs:
+    st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
+    st.stop()
+ids = [r["id"] for r in runs]
+labels = {r["id"]: f"{r['name']} on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · ASR {figures.pct(r['asr'])}"
+                   f" · {r['id']}" for r in runs}
+parent = st.selectbox("Poisoned run", ids, key="def_run", format_func=labels.get,
+                      help="The backdoored model to clean (newest first)")
+chosen = st.multiselect("Defenses", list(DEFENSES), default=["ft", "sft"], key="def_defenses",
+                        format_func=lambda d: DEFENSES[d].title,
+                        help="Each runs on its own copy of the poisoned model, one after the other")
+budget = st.slider("Clean-data budget (% of the training set)", 0.5, 100.0, 100 * DEFAULT_CLEAN_FRACTION, 0.5,
+                   key="def_budget", help="How much clean, correctly labelled data the defender has")
+
+params, schedules = {}, {}
+for name in chosen:
+    cls = DEFENSES[name]
+    with st.expander(f"{cls.title} settings"):
+        st.caption(f"{cls.paper}. Needs: {cls.needs}.")
+        params[name] = ui.param_widgets(cls.defaults, cls.help, f"def_p_{name}")
+try:
+    run = ui.store().get(parent)
+    n_clean = defender_size(run, budget / 100.0)
+    st.caption(f"The defender gets {n_clean} clean training images.")
+    for name in chosen:
+        schedules[name] = build_defense(name, **params[name]).schedule_values(n_clean)
+    if schedules:
+        st.plotly_chart(figures.schedule_figure(schedules), key="def_schedule")
+        st.caption(figures.CAPTIONS["schedule"])
+except Exception as exc:
+    ui.show_error(exc)
+
+if st.button("Run defenses", key="def_start", type="primary", disabled=not chosen,
+             help="Apply each chosen defense to the poisoned model in the background"):
+    try:
+        st.session_state["def_job"] = ui.jobs().submit(
+            "defend", title=f"{', '.join(d.upper() for d in chosen)} on {parent}", parent=parent, defenses=chosen,
+            params=params, clean_fraction=budget / 100.0)
+    except Exception as exc:
+        ui.show_error(exc)
+
+job = st.session_state.get("def_job")
+if job is None:
+    latest = ui.jobs().latest("defend")
+    job = latest.id if latest else None
+ui.job_panel(job, key="def")
+
+children = ui.store().children(parent)
+if children:
+    st.subheader("Defenses already applied to this run")
+    run = ui.store().get(parent)
+    defended = {}
+    for c in children:
+        defended.setdefault(c["name"], {"clean_acc": c["clean_acc"], "asr": c["asr"], "seconds": c["seconds"]})
+    st.dataframe(figures.summary_rows({**run.final, "seconds": run.timings.get("total_s")}, defended),
+                 hide_index=True)
+    st.caption("Newest result per defense. ΔASR below zero means the backdoor weakened; ΔCA near zero means "
+               "clean accuracy was kept.")

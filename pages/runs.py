@@ -1,0 +1,70 @@
+"""Runs: every stored run; compare, delete, export (CSV, JSON, standalone HTML report)."""
+import datetime as dt
+
+import streamlit as st
+
+import ui
+from bdft_core import figures, report
+
+st.title("Runs")
+if "runs_msg" in st.session_state:
+    st.success(st.session_state.pop("runs_msg"))
+st.caption("Every poisoned model (attack) and every defended model (defense) trained here, newest first.")
+
+rows = ui.store().list()
+if not rows:
+    st.info("No runs stored yet: run the quick demo on the Home page or train one in the Attack lab.")
+    st.stop()
+table = [{"run": r["id"], "kind": r["kind"], "what": r["name"], "dataset": r["dataset"],
+          "CA": figures.pct(r["clean_acc"]), "ASR": figures.pct(r["asr"]),
+          "seconds": None if r["seconds"] is None else round(r["seconds"], 1), "status": r["status"],
+          "from": r["parent"] or "", "created": dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M")}
+         for r in rows]
+st.dataframe(table, hide_index=True)
+st.caption("CA: clean accuracy (higher is better). ASR: attack success rate (lower is better after a defense). "
+           "A defense run's 'from' is the poisoned run it cleaned.")
+
+ids = [r["id"] for r in rows]
+names = {r["id"]: f"{r['name']} · {r['dataset']} · {r['id']}" for r in rows}
+sel = st.multiselect("Select runs to compare or export", ids, key="runs_select", format_func=names.get,
+                     help="Pick a poisoned run and its defenses to see them side by side")
+if sel:
+    try:
+        chosen = [ui.store().get(i) for i in sel]
+    except Exception as exc:
+        ui.show_error(exc)
+        st.stop()
+    st.plotly_chart(figures.compare_figure(chosen), key="runs_compare")
+    st.caption(figures.CAPTIONS["curves"])
+    bars = [{"name": "poisoned" if r.kind == "attack" else r.name, "clean_acc": r.final.get("clean_acc"),
+             "asr": r.final.get("asr")} for r in chosen]
+    st.plotly_chart(figures.before_after_figure(bars), key="runs_bars")
+    st.caption(figures.CAPTIONS["before_after"])
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button("CSV (key figures)", report.runs_csv(chosen), f"bdft-runs-{stamp}.csv", "text/csv",
+                       key="runs_csv", help="One row per run: CA, ASR, seconds, settings")
+    c2.download_button("CSV (curves)", report.history_csv(chosen), f"bdft-curves-{stamp}.csv", "text/csv",
+                       key="runs_curves_csv", help="Every recorded curve point")
+    c3.download_button("JSON", report.runs_json(chosen), f"bdft-runs-{stamp}.json", "application/json",
+                       key="runs_json", help="The full run records")
+    c4.download_button("HTML report", report.html_report(chosen), f"bdft-report-{stamp}.html", "text/html",
+                       key="runs_html", help="A standalone page with the figures, to email or archive")
+    if len(chosen) == 1:
+        path = ui.store().path(chosen[0].id) / "model.safetensors"
+        st.download_button("Checkpoint (.safetensors)", path.read_bytes(), f"{chosen[0].id}.safetensors",
+                           "application/octet-stream", key="runs_ckpt",
+                           help="The weights with the run's record; load it again in the Attack lab")
+    with st.expander("Delete the selected runs"):
+        st.caption("Deleting a poisoned run also deletes the defenses made from it. This cannot be undone.")
+        sure = st.checkbox("Yes, delete them", key="runs_delete_confirm")
+        if st.button("Delete", key="runs_delete", disabled=not sure):
+            removed = []
+            for i in sel:
+                try:
+                    removed += ui.store().delete(i)
+                except Exception:
+                    pass  # already removed with its parent
+            st.session_state.pop("runs_select", None)
+            st.session_state["runs_msg"] = f"Deleted {len(removed)} run(s)."
+            st.rerun()

@@ -1,0 +1,241 @@
+"""Dashboard tests with Streamlit's AppTest: every page loads, its widgets work by key, short jobs
+on `digits` start, report progress and finish with their figures shown, and bad uploads give a
+clear error. (tests/test_app_browser.py drives the real app in Chromium.)"""
+import io
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    # a new user with no data folder: the default dataset is the bundled `digits`
+    monkeypatch.setenv("BDFT_DATA_DIR", str(tmp_path / "no-data"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _page(at, page):
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _status_lines(at):
+    return [m.value for m in at.markdown if m.value.startswith("**") and " — " in m.value]
+
+
+def _wait(at, timeout=180):
+    """Rerun the page until the job panel says the job ended; return the statuses seen."""
+    seen, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        lines = _status_lines(at)
+        seen += lines
+        if lines and not any(s in lines[-1] for s in ("running", "queued")):
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"job did not finish in {timeout}s; saw {seen[-3:]}")
+
+
+def _png(w, h, color=(255, 0, 0)):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _train_digits(at, **over):
+    _page(at, "attack_lab")
+    at.selectbox(key="atk_dataset").set_value("digits")
+    at.number_input(key="atk_epochs").set_value(over.get("epochs", 3.0))
+    at.button(key="atk_train").click().run()
+    assert not at.error, [e.value for e in at.error]
+    return _wait(at)
+
+
+def test_home_explains_and_runs_quick_demo(app):
+    assert app.title[0].value == "The backdoor fine-tuning lab"
+    text = " ".join(m.value for m in app.markdown)
+    assert "backdoor" in text and "attack success rate" in text
+    assert "Device:" in " ".join(m.value for m in app.sidebar.markdown)
+    assert len(app.get("image")) >= 1  # the clean / triggered / trigger picture
+    app.button(key="home_demo").click().run()
+    seen = _wait(app, timeout=300)
+    assert any("running" in s or "queued" in s for s in seen) or seen  # it went through the queue
+    assert "finished" in _status_lines(app)[-1]
+    table = app.dataframe[0].value
+    assert list(table["model"]) == ["poisoned model", "Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
+    assert all(v.endswith("%") for v in table["ASR"])
+    assert len(app.get("plotly_chart")) >= 2  # live curves and the before/after bars
+
+
+def test_attack_lab_preview_train_and_progress(app):
+    _page(app, "attack_lab")
+    keys = {w.key for w in app.selectbox} | {w.key for w in app.number_input} | {w.key for w in app.slider}
+    assert {"atk_dataset", "atk_attack", "atk_model", "atk_target", "atk_epochs", "atk_seed", "atk_rate"} <= keys
+    app.selectbox(key="atk_dataset").set_value("digits").run()
+    n_img = len(app.get("image"))
+    assert n_img >= 3  # clean, triggered and residual rows
+    # the preview follows the trigger settings before anything is trained
+    app.selectbox(key="atk_attack").set_value("blended").run()
+    assert not app.error
+    assert "atk_p_blended_alpha" in {w.key for w in app.number_input}
+    app.selectbox(key="atk_attack").set_value("badnets").run()
+    app.number_input(key="atk_p_badnets_size").set_value(99).run()
+    assert any("larger than" in e.value for e in app.error)  # clear message, no traceback
+    app.number_input(key="atk_p_badnets_size").set_value(3).run()
+    seen = _train_digits(app)
+    assert "finished" in seen[-1]
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Attack success rate (ASR)"].endswith("%")
+    assert float(metrics["Attack success rate (ASR)"].rstrip("%")) > 50  # the backdoor took
+    # the stored run can be opened again
+    app.run()
+    opts = app.selectbox(key="atk_load_run").options
+    assert len(opts) == 1
+
+
+def test_attack_lab_stop_keeps_what_was_reached(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_dataset").set_value("digits")
+    app.number_input(key="atk_epochs").set_value(200.0)
+    app.button(key="atk_train").click().run()
+    t0 = time.monotonic()
+    while not any("running" in s for s in _status_lines(app)):
+        time.sleep(0.2)
+        app.run()
+        assert time.monotonic() - t0 < 60
+    app.button(key="atk_stop").click().run()
+    t_stop = time.monotonic()
+    seen = _wait(app, timeout=60)
+    assert "stopped" in seen[-1]
+    assert time.monotonic() - t_stop < 30
+    assert any("Stopped during attack training" in w.value for w in app.warning)
+
+
+def test_trigger_uploads(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_dataset").set_value("digits").run()
+    up = app.get("file_uploader")[0]
+    up.set_value(("notes.png", b"this is not an image", "image/png")).run()
+    assert any("not a readable PNG or JPEG" in e.value for e in app.error)
+    up = app.get("file_uploader")[0]
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")  # small file, huge image
+    up.set_value(("huge.png", buf.getvalue(), "image/png")).run()
+    assert any("too large" in e.value for e in app.error)
+    up = app.get("file_uploader")[0]
+    up.set_value(("red.png", _png(16, 16), "image/png")).run()
+    assert not app.error and app.success
+    pat = app.selectbox(key="atk_p_badnets_pattern")
+    assert "uploaded image" in pat.options
+    pat.set_value("uploaded image").run()
+    assert not app.error
+    assert not app.exception
+
+
+def _checkpoint_bytes(at):
+    """Train a tiny poisoned run and return its stored checkpoint file's bytes."""
+    _train_digits(at, epochs=1.0)
+    from bdft_core.runs import RunStore
+
+    store = RunStore()
+    rid = store.list()[0]["id"]
+    return rid, (store.path(rid) / "model.safetensors").read_bytes()
+
+
+def test_checkpoint_uploads(app):
+    rid, good = _checkpoint_bytes(app)
+    up = app.get("file_uploader")[-1]
+    up.set_value(("model.pt", b"\x80\x04\x95 pickled torch file", "application/octet-stream")).run()
+    assert any("pickled PyTorch file" in e.value for e in app.error)
+    up = app.get("file_uploader")[-1]
+    up.set_value(("cut.safetensors", good[: len(good) // 2], "application/octet-stream")).run()
+    assert any("not a valid safetensors file" in e.value or "truncated" in e.value for e in app.error)
+    # a real safetensors file with this tool's record, but tensors of the wrong shape
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    n = struct.unpack("<Q", good[:8])[0]
+    meta = json.loads(good[8:8 + n])["__metadata__"]
+    state = st_load(good)
+    state["classifier.weight"] = torch.zeros(3, state["classifier.weight"].shape[1])
+    bad = st_save(state, metadata=meta)
+    up = app.get("file_uploader")[-1]
+    up.set_value(("wrong.safetensors", bad, "application/octet-stream")).run()
+    assert any("does not fit this model" in e.value for e in app.error)
+    # a safetensors file without this tool's record
+    up = app.get("file_uploader")[-1]
+    up.set_value(("other.safetensors", st_save({"w": torch.zeros(2)}), "application/octet-stream")).run()
+    assert any("not one exported by bdft" in e.value for e in app.error)
+    # the genuine file imports (it is the same run, so it is found, not duplicated)
+    up = app.get("file_uploader")[-1]
+    up.set_value(("good.safetensors", good, "application/octet-stream")).run()
+    assert not app.error and any(rid in s.value for s in app.success)
+
+
+def test_defense_lab_runs_defenses_live(app):
+    _train_digits(app)
+    _page(app, "defense_lab")
+    assert app.selectbox(key="def_run").value
+    assert app.multiselect(key="def_defenses").value == ["ft", "sft"]
+    assert len(app.get("plotly_chart")) == 1  # the schedule, drawn before running
+    app.slider(key="def_budget").set_value(30.0).run()
+    assert any("clean training images" in c.value for c in app.caption)
+    app.button(key="def_start").click().run()
+    seen = _wait(app)
+    assert "finished" in seen[-1]
+    rows = app.dataframe[0].value
+    assert list(rows["model"]) == ["poisoned model", "Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
+    assert all(s.endswith("pts") for s in rows["ΔASR"][1:])
+
+
+def test_defense_lab_without_runs_says_what_to_do(app):
+    _page(app, "defense_lab")
+    assert "No poisoned model yet" in app.info[0].value
+
+
+def test_second_job_waits_in_queue(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_dataset").set_value("digits")
+    app.number_input(key="atk_epochs").set_value(30.0)
+    app.button(key="atk_train").click().run()
+    first = app.session_state["atk_job"]
+    app.number_input(key="atk_epochs").set_value(1.0)
+    app.button(key="atk_train").click().run()
+    second = app.session_state["atk_job"]
+    assert second != first
+    assert any("Waiting in the queue" in i.value for i in app.info)
+    _wait(app, timeout=240)
+    assert "finished" in _status_lines(app)[-1]
+
+
+def test_runs_page_compare_export_delete(app):
+    _train_digits(app)
+    _page(app, "runs")
+    assert len(app.dataframe[0].value) == 1
+    rid = app.dataframe[0].value["run"][0]
+    app.multiselect(key="runs_select").set_value([rid]).run()
+    assert len(app.get("plotly_chart")) == 2
+    dls = {d.key for d in app.get("download_button")}
+    assert {"runs_csv", "runs_json", "runs_html", "runs_ckpt"} <= dls
+    app.checkbox(key="runs_delete_confirm").check().run()
+    app.button(key="runs_delete").click().run()
+    assert not app.exception
+    assert "No runs stored yet" in app.info[0].value

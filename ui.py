@@ -1,0 +1,184 @@
+"""Streamlit helpers shared by the pages (the only Streamlit code outside app.py and pages/).
+
+Server-wide resources (the run store, the job manager, datasets) are cached once per server with
+``st.cache_resource``; jobs run in the job manager's background thread, and :func:`job_panel`
+polls them once a second in a fragment, so the rest of the page stays responsive."""
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from bdft_core import figures
+from bdft_core.errors import BdftError
+
+
+@st.cache_resource(show_spinner=False)
+def _store(root: str):
+    from bdft_core.runs import RunStore
+
+    return RunStore(root)
+
+
+@st.cache_resource(show_spinner=False)
+def _jobs(root: str):
+    from bdft_core.jobs import JobManager
+
+    return JobManager(_store(root))
+
+
+def runs_root() -> str:
+    from bdft_core.runs import runs_dir
+
+    return str(runs_dir())
+
+
+def store():
+    return _store(runs_root())
+
+
+def jobs():
+    return _jobs(runs_root())
+
+
+@st.cache_resource(show_spinner="Loading the dataset (once per server)…")
+def dataset(name: str, data_dir: str | None = None):
+    """A registry dataset on the CPU (for previews and sizes), loaded once per server."""
+    from bdft_core.data import load_dataset
+
+    return load_dataset(name, root=data_dir)
+
+
+def load_preview_data(name: str):
+    return dataset(name, os.environ.get("BDFT_DATA_DIR"))
+
+
+@st.cache_data(show_spinner=False, ttl=30)
+def _available(data_dir: str | None) -> dict[str, str]:
+    from bdft_core.data import available_datasets as avail
+
+    return avail()
+
+
+def available_datasets() -> dict[str, str]:
+    """Datasets usable without a download: name -> where they are."""
+    return _available(os.environ.get("BDFT_DATA_DIR"))
+
+
+@st.cache_resource(show_spinner=False)
+def device_text() -> str:
+    from bdft_core.device import describe_device, pick_device
+
+    return describe_device(pick_device())
+
+
+def default_dataset() -> str:
+    """CIFAR-10 where it is on disk, else the always-available digits."""
+    avail = available_datasets()
+    return "cifar10" if "cifar10" in avail else "digits"
+
+
+def show_error(exc: Exception) -> None:
+    """A readable message, never a traceback."""
+    if isinstance(exc, BdftError):
+        st.error(str(exc), icon=":material/error:")
+    else:
+        st.error(f"Something went wrong ({type(exc).__name__}): {exc}", icon=":material/error:")
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        st.markdown(f"**Device:** {device_text()}")
+        avail = available_datasets()
+        st.markdown("**Datasets here:** " + ", ".join(sorted(avail)))
+        st.caption("Others download on first use when this machine is online.")
+        active = jobs().active()
+        if active:
+            j = active[0] if active[0].status == "running" else active[-1]
+            st.markdown(f"**Running:** {j.title}")
+            st.progress(j.overall_fraction, text=j.describe())
+            if len(active) > 1:
+                st.caption(f"{len(active) - 1} more job(s) waiting in the queue")
+
+
+def param_widgets(defaults: dict, help_: dict, prefix: str, choices: dict | None = None,
+                  skip: tuple = ()) -> dict:
+    """One widget per setting, chosen by the default's type; returns the values set."""
+    out = {}
+    choices = choices or {}
+    for name, default in defaults.items():
+        if name in skip:
+            continue
+        key, label, hlp = f"{prefix}_{name}", name.replace("_", " "), help_.get(name, "")
+        if isinstance(default, bool):
+            out[name] = st.checkbox(label, value=default, key=key, help=hlp)
+        elif name in choices:
+            opts = list(choices[name])
+            out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=key,
+                                     help=hlp)
+        elif isinstance(default, int):
+            out[name] = int(st.number_input(label, value=default, step=1, key=key, help=hlp))
+        elif isinstance(default, float):
+            out[name] = float(st.number_input(label, value=float(default), format="%.4g", key=key, help=hlp))
+        else:
+            out[name] = st.text_input(label, value=str(default), key=key, help=hlp)
+    return out
+
+
+def job_panel(job_id: str | None, key: str) -> None:
+    """Live view of one job: progress with ETA, a Stop button, curves, then results or the error.
+    While the job is active the panel refreshes itself once a second."""
+    if not job_id:
+        return
+    j = jobs().get(job_id)
+    if j is None:
+        return
+    if j.active:
+        _live_panel(job_id, key)
+    else:
+        _render_job(j, key)
+
+
+@st.fragment(run_every=1.0)
+def _live_panel(job_id: str, key: str) -> None:
+    j = jobs().get(job_id)
+    if j is None:
+        return
+    _render_job(j, key)
+    if not j.active:
+        st.rerun()  # leave the polling fragment, redraw the page with the results
+
+
+def _render_job(j, key: str) -> None:
+    from bdft_core.jobs import stage_title
+
+    with st.container(border=True):
+        head, btn = st.columns([5, 1])
+        head.markdown(f"**{j.title}** — {j.status}")
+        if j.active:
+            if btn.button("Stop", key=f"{key}_stop", help="End the job within a step, keeping what it reached"):
+                jobs().stop(j.id)
+            pos = jobs().queue_position(j.id)
+            if j.status == "queued":
+                st.info(f"Waiting in the queue (position {pos}); it starts when the running job ends.")
+            st.progress(j.overall_fraction, text=j.describe())
+        if j.error:
+            st.error(j.error, icon=":material/error:")
+        if any(j.series.values()):
+            st.plotly_chart(figures.curves_figure(j.series), key=f"{key}_curves_{len(sum(j.series.values(), []))}")
+            st.caption(figures.CAPTIONS["curves"])
+        r = j.result
+        if r and j.kind in ("demo", "defend") and r.get("defended") is not None:
+            rows = [{"name": "poisoned", **r["poisoned"]}] + [{"name": n, **d} for n, d in r["defended"].items()]
+            st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
+            st.caption(figures.CAPTIONS["before_after"])
+            st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
+        elif r and j.kind == "attack":
+            c1, c2, c3 = st.columns(3)
+            c1.metric("Clean accuracy (CA)", figures.pct(r.get("clean_acc")), help=figures.CAPTIONS["ca"])
+            c2.metric("Attack success rate (ASR)", figures.pct(r.get("asr")), help=figures.CAPTIONS["asr"])
+            c3.metric("Seconds", f"{r.get('seconds') or 0:.1f}")
+            st.caption(f"Stored as run `{r['run_id']}`: defend it in the Defense lab.")
+        if j.status == "stopped":
+            st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
+                       + (", ".join(j.run_ids) or "none"))
