@@ -111,8 +111,13 @@ def import_checkpoint(data: bytes, store, filename: str = "checkpoint"):
     except Exception:
         existing = None
     if existing is not None:
-        if (store.path(run.id) / "model.safetensors").read_bytes() == data:
-            return existing  # the same checkpoint again: nothing to do
+        import torch
+        from safetensors.torch import load as st_load
+
+        mine = st_load((store.path(run.id) / "model.safetensors").read_bytes())
+        theirs = model.state_dict()
+        if mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine):
+            return existing  # the same weights again: nothing to do
         run.id = new_run_id(run.kind)
     if run.parent:
         try:

@@ -1,0 +1,111 @@
+"""The background job manager the dashboard polls: queueing, progress, stop, errors."""
+import threading
+import time
+
+import pytest
+
+from bdft_core.errors import ConfigError, RunNotFound
+from bdft_core.jobs import JobManager
+from bdft_core.runs import RunStore
+
+DIGITS = {"dataset": "digits", "epochs": 2.0}
+
+
+@pytest.fixture
+def jm(tmp_path):
+    return JobManager(RunStore(tmp_path / "runs"))
+
+
+def test_attack_job_reports_progress_and_stores_run(jm):
+    jid = jm.submit("attack", config=DIGITS)
+    j = jm.wait(jid, timeout=120)
+    assert j.status == "finished", j.error
+    assert j.stages == ["attack"]
+    pts = j.series["attack"]
+    assert len(pts) >= 2 and all(0 <= p["asr"] <= 1 for p in pts)
+    assert [p["step"] for p in pts] == sorted(p["step"] for p in pts)
+    assert j.progress["step"] == j.progress["total_steps"] > 0
+    assert j.overall_fraction == 1.0
+    run = jm.store.get(j.result["run_id"])
+    assert run.final["asr"] == j.result["asr"]
+
+
+def test_demo_job_runs_each_stage_and_keeps_series_apart(jm):
+    jid = jm.submit("demo", config=DIGITS, defenses=["ft", "sft"], clean_fraction=0.2)
+    j = jm.wait(jid, timeout=180)
+    assert j.status == "finished", j.error
+    assert set(j.series) == {"attack", "ft", "sft"}
+    assert set(j.result["defended"]) == {"ft", "sft"}
+    assert len(j.run_ids) == 3 and all(jm.store.get(r) for r in j.run_ids)
+    # a defense's first point is the poisoned model before any defense step
+    assert j.series["sft"][0]["step"] == 0
+
+
+def test_jobs_run_one_at_a_time_in_order(jm):
+    a = jm.submit("attack", config={**DIGITS, "epochs": 6.0})
+    b = jm.submit("attack", config={**DIGITS, "epochs": 1.0})
+    assert jm.get(b).status == "queued" and jm.queue_position(b) >= 1
+    jb = jm.wait(b, timeout=180)
+    ja = jm.get(a)
+    assert ja.status == jb.status == "finished"
+    assert ja.ended <= jb.started  # b waited for a
+
+
+def test_stop_running_and_cancel_queued(jm):
+    a = jm.submit("attack", config={**DIGITS, "epochs": 500.0})
+    b = jm.submit("attack", config=DIGITS)
+    t0 = time.monotonic()
+    while jm.get(a).progress.get("step", 0) < 2:
+        time.sleep(0.05)
+        assert time.monotonic() - t0 < 60
+    jm.stop(b)
+    assert jm.get(b).status == "stopped"  # cancelled before it started
+    jm.stop(a)
+    t_stop = time.monotonic()
+    ja = jm.wait(a, timeout=60)
+    assert ja.status == "stopped" and time.monotonic() - t_stop < 10
+    run = jm.store.get(ja.result["run_id"])
+    assert run.status == "stopped" and run.final["steps"] < run.final["total_steps"]
+    assert jm.get(b).started is None  # never ran
+
+
+def test_bad_settings_fail_at_submit_with_a_clear_message(jm):
+    with pytest.raises(ConfigError, match="unknown setting"):
+        jm.submit("attack", config={"dataset": "digits", "colour": "red"})
+    with pytest.raises(ConfigError, match="unknown defense"):
+        jm.submit("demo", config=DIGITS, defenses=["magic"])
+    with pytest.raises(ConfigError, match="clean fraction"):
+        jm.submit("demo", config=DIGITS, defenses=["sft"], clean_fraction=0)
+    with pytest.raises(RunNotFound):
+        jm.submit("defend", parent="nope", defenses=["ft"])
+    with pytest.raises(ConfigError, match="job kind"):
+        jm.submit("dance")
+
+
+def test_failure_in_the_worker_is_a_message_and_the_worker_survives(jm):
+    bad = jm.submit("attack", config={"dataset": "digits", "attack": "badnets", "params": {"size": 99}})
+    j = jm.wait(bad, timeout=60)
+    assert j.status == "failed" and "larger than" in j.error and "Traceback" not in j.error
+    ok = jm.submit("attack", config={**DIGITS, "epochs": 1.0})
+    assert jm.wait(ok, timeout=120).status == "finished"
+
+
+def test_defend_job_on_a_stored_run(jm):
+    a = jm.wait(jm.submit("attack", config=DIGITS), timeout=120)
+    d = jm.wait(jm.submit("defend", parent=a.result["run_id"], defenses=["ft", "sft"],
+                          params={"ft": {"epochs": 1.0}}, clean_fraction=0.3), timeout=180)
+    assert d.status == "finished", d.error
+    assert d.result["poisoned"]["asr"] == a.result["asr"]
+    kids = jm.store.children(a.result["run_id"])
+    assert {k["name"] for k in kids} == {"ft", "sft"}
+    ft = jm.store.get(d.result["defended"]["ft"]["run_id"])
+    assert ft.config["clean_fraction"] == 0.3 and ft.defense["params"]["epochs"] == 1.0
+
+
+def test_snapshots_are_copies(jm):
+    jid = jm.submit("attack", config=DIGITS)
+    snap = jm.get(jid)
+    snap.series["attack"] = ["tampered"]
+    jm.wait(jid, timeout=120)
+    assert jm.get(jid).series["attack"] != ["tampered"]
+    assert isinstance(jm.get(jid).stop_event, threading.Event)

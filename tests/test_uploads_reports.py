@@ -1,0 +1,140 @@
+"""Uploaded files (trigger images, checkpoints), exports and figure builders."""
+import csv
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as st_save
+
+from bdft_core import figures, report
+from bdft_core.errors import CheckpointError, ConfigError
+from bdft_core.models import build_model
+from bdft_core.runs import Run, RunStore, new_run_id
+from bdft_core.uploads import import_checkpoint, safetensors_header, save_trigger_image
+
+
+def _png(w, h, mode="RGB", color=0, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_trigger_image_is_checked_and_stored_by_content(tmp_path):
+    p = save_trigger_image(_png(7, 5, color=(255, 0, 0)), "red.png", root=tmp_path)
+    assert p.parent == tmp_path and p.suffix == ".png"
+    assert save_trigger_image(_png(7, 5, color=(255, 0, 0)), "again.png", root=tmp_path) == p
+    with Image.open(p) as im:
+        assert im.size == (7, 5) and im.getpixel((0, 0)) == (255, 0, 0)
+    jpg = save_trigger_image(_png(8, 8, color=(0, 0, 255), fmt="JPEG"), "b.jpg", root=tmp_path)
+    assert jpg != p
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b"", "empty"),
+    (b"GIF89a not really", "not a readable"),
+    (_png(4, 4, fmt="GIF"), "must be PNG or JPEG"),
+    (_png(5000, 4000, mode="1"), "too large"),
+])
+def test_bad_trigger_images(tmp_path, data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        save_trigger_image(data, "x", root=tmp_path)
+
+
+def test_uploaded_trigger_drives_the_attack(tmp_path):
+    from bdft_core.attacks import build_attack
+
+    p = save_trigger_image(_png(3, 3, color=(255, 0, 0)), "red.png", root=tmp_path)
+    atk = build_attack("badnets", (3, 8, 8), 10, size=3, pattern=str(p), position="top_left", margin=0)
+    out = atk.apply(torch.zeros(1, 3, 8, 8))
+    assert torch.equal(out[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+    assert out[0, :, 3:, 3:].abs().sum() == 0
+
+
+def _stored_run(tmp_path, num_classes=10):
+    store = RunStore(tmp_path / "runs")
+    model = build_model("fastnet", num_classes, 1)
+    run = Run(id=new_run_id("attack"), kind="attack", created=1.0, dataset="digits",
+              model={"name": "fastnet", "num_classes": num_classes, "channels": 1, "image_size": [8, 8], "kwargs": {}},
+              attack={"name": "badnets", "poison_rate": 0.1}, config={"dataset": "digits"}, seed=0, device="cpu",
+              history=[{"step": 1, "epoch": 0.5, "clean_acc": 0.5, "asr": 0.9}], final={"clean_acc": 0.8, "asr": 0.95},
+              timings={"total_s": 2.0})
+    store.save(run, model)
+    return store, run, (store.path(run.id) / "model.safetensors").read_bytes()
+
+
+def test_checkpoint_round_trip_into_another_store(tmp_path):
+    store, run, data = _stored_run(tmp_path)
+    other = RunStore(tmp_path / "other")
+    got = import_checkpoint(data, other, "x.safetensors")
+    assert got.id == run.id and other.get(run.id).final == run.final
+    _, model = other.load_model(run.id)
+    assert model.classifier.out_features == 10
+    assert import_checkpoint(data, other).id == run.id  # the same file twice is not duplicated
+    assert len(other.list()) == 1
+
+
+def test_checkpoint_refusals(tmp_path):
+    store, run, data = _stored_run(tmp_path)
+    with pytest.raises(CheckpointError, match="pickled PyTorch"):
+        buf = io.BytesIO()
+        torch.save({"w": torch.zeros(1)}, buf)
+        import_checkpoint(buf.getvalue(), store)
+    with pytest.raises(CheckpointError, match="truncated|not a valid"):
+        import_checkpoint(data[: len(data) // 2], store)
+    with pytest.raises(CheckpointError, match="not one exported by bdft"):
+        import_checkpoint(st_save({"w": torch.zeros(2)}), store)
+    n = struct.unpack("<Q", data[:8])[0]
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    rec = json.loads(meta["run"])
+    rec["model"]["num_classes"] = 43  # the record says 43 classes, the weights have 10
+    meta["run"] = json.dumps(rec)
+    from safetensors.torch import load as st_load
+
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        import_checkpoint(st_save(st_load(data), metadata=meta), store)
+    with pytest.raises(CheckpointError, match="not a safetensors"):
+        safetensors_header(struct.pack("<Q", 10 ** 9) + b"{}")
+
+
+def test_exports(tmp_path):
+    store, run, _ = _stored_run(tmp_path)
+    rows = list(csv.DictReader(io.StringIO(report.runs_csv([run]))))
+    assert rows[0]["id"] == run.id and float(rows[0]["asr"]) == 0.95
+    hist = list(csv.DictReader(io.StringIO(report.history_csv([run]))))
+    assert len(hist) == 1 and float(hist[0]["clean_acc"]) == 0.5
+    assert json.loads(report.runs_json([run]))["runs"][0]["id"] == run.id
+    page = report.html_report([run], title="t<1>")
+    assert page.startswith("<!doctype html>") and "t&lt;1&gt;" in page and "95.0%" in page
+    assert "Plotly.newPlot" in page and "src=\"http" not in page  # plotly.js inlined: opens offline
+
+
+def test_figure_helpers():
+    assert figures.pct(0.9567) == "95.7%" and figures.pct(None) == "–"
+    assert figures.color_of("attack") == figures.color_of("poisoned") == figures.ATTACK_COLOR
+    assert figures.color_of("ft") != figures.color_of("sft") != figures.ATTACK_COLOR
+    assert figures.color_of("some_future_defense") == figures.color_of("some_future_defense")
+    rows = figures.summary_rows({"clean_acc": 0.8, "asr": 0.9, "seconds": 3}, {"sft": {"clean_acc": 0.78, "asr": 0.05,
+                                                                                       "seconds": 1.5}})
+    assert rows[1]["ΔASR"] == "-85.0 pts" and rows[1]["ΔCA"] == "-2.0 pts" and rows[1]["ASR"] == "5.0%"
+    fig = figures.curves_figure({"attack": [{"epoch": 1, "asr": 0.5, "clean_acc": 0.6}],
+                                 "sft": [{"epoch": 0, "asr": 0.4, "clean_acc": 0.6}]})
+    assert len(fig.data) == 4 and fig.data[0].y == (50.0,)
+    assert fig.data[0].line.color == figures.ATTACK_COLOR and fig.data[2].line.color == figures.color_of("sft")
+    sched = figures.schedule_figure({"sft": [0.1, 0.2]})
+    assert list(sched.data[0].y) == [0.1, 0.2]
+
+
+def test_preview_images():
+    from bdft_core.attacks import build_attack
+
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    atk = build_attack("badnets", (3, 8, 8), 10, size=2, position="top_left", margin=0)
+    prev = figures.trigger_preview(atk, x, n=2, scale=2)
+    assert prev["clean"][0].shape == (16, 16, 3) and prev["clean"][0].dtype == np.uint8
+    assert prev["poisoned"][0][0, 0].tolist() == [255, 255, 255] and prev["poisoned"][0][5, 5].tolist() == [0, 0, 0]
+    # residual: mid-grey where nothing changed, white where the patch added +1
+    assert prev["residual"][0][5, 5].tolist() == [128, 128, 128] and prev["residual"][0][0, 0].tolist() == [255] * 3
