@@ -109,6 +109,7 @@ with c1:
         try:
             run = ui.store().get(sel)
             st.plotly_chart(figures.curves_figure({"attack": figures.run_series(run)}), key="atk_loaded_curves")
+            st.caption(figures.CAPTIONS["curves"])
             st.caption(f"Run `{run.id}`: CA {figures.pct(run.final.get('clean_acc'))}, "
                        f"ASR {figures.pct(run.final.get('asr'))}. Defend it in the Defense lab.")
         except Exception as exc:

@@ -57,8 +57,8 @@ if sel:
                            help="The weights with the run's record; load it again in the Attack lab")
     with st.expander("Delete the selected runs"):
         st.caption("Deleting a poisoned run also deletes the defenses made from it. This cannot be undone.")
-        sure = st.checkbox("Yes, delete them", key="runs_delete_confirm")
-        if st.button("Delete", key="runs_delete", disabled=not sure):
+        sure = st.checkbox("Yes, delete them", key="runs_delete_confirm", help="A safety catch for the button below")
+        if st.button("Delete", key="runs_delete", disabled=not sure, help="Remove the selected runs and their files"):
             removed = []
             for i in sel:
                 try:
