@@ -91,14 +91,23 @@ def sidebar() -> None:
         st.markdown(f"**Device:** {device_text()}")
         avail = available_datasets()
         st.markdown("**Datasets here:** " + ", ".join(sorted(avail)))
-        st.caption("Others download on first use when this machine is online.")
-        active = jobs().active()
-        if active:
-            j = active[0] if active[0].status == "running" else active[-1]
-            st.markdown(f"**Running:** {j.title}")
-            st.progress(j.overall_fraction, text=j.describe())
-            if len(active) > 1:
-                st.caption(f"{len(active) - 1} more job(s) waiting in the queue")
+        if os.environ.get("BDFT_OFFLINE", "").lower() in ("1", "true", "yes"):
+            st.caption("Offline mode (BDFT_OFFLINE): other datasets must be placed in BDFT_DATA_DIR.")
+        else:
+            st.caption("Others download on first use when this machine is online.")
+        _sidebar_jobs()
+
+
+@st.fragment(run_every=2.0)
+def _sidebar_jobs() -> None:
+    """The running job, on every page, refreshed every two seconds."""
+    active = jobs().active()
+    if active:
+        j = next((a for a in active if a.status == "running"), active[-1])
+        st.markdown(f"**Running:** {j.title}")
+        st.progress(j.overall_fraction, text=j.describe())
+        if len(active) > 1:
+            st.caption(f"{len(active) - 1} more job(s) waiting in the queue")
 
 
 def param_widgets(defaults: dict, help_: dict, prefix: str, choices: dict | None = None,
@@ -173,6 +182,11 @@ def _render_job(j, key: str) -> None:
             st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
             st.caption(figures.CAPTIONS["before_after"])
             st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
+            st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
+            if r.get("seconds"):
+                st.caption(f"Whole job: {r['seconds']:.0f} s. Every model is stored: compare or export them "
+                           "on the Runs page.")
+            st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
         elif r and j.kind == "attack":
             c1, c2, c3 = st.columns(3)
             c1.metric("Clean accuracy (CA)", figures.pct(r.get("clean_acc")), help=figures.CAPTIONS["ca"])

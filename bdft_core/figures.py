@@ -20,8 +20,8 @@ CAPTIONS = {
     "ca": "CA (clean accuracy): share of ordinary test images classified correctly. Higher is better; "
           "a good defense keeps it close to the poisoned model's.",
     "curves": "Left: attack success rate (lower is better after a defense). Right: clean accuracy (higher is "
-              "better). x: training progress in epochs of the stage shown. Live points use a fixed sample of "
-              "the test set; the final figures use all of it.",
+              "better). Across: passes over the training data (epochs); each defense starts at 0 from the "
+              "poisoned model. Live points use a sample of the test set; the final figures use all of it.",
     "schedule": "Learning rate at every fine-tuning step. SFT's first phase climbs to a large peak (this is what "
                 "erases the backdoor); its second, small phase restores clean accuracy.",
     "before_after": "Each model's clean accuracy (CA, higher is better) and attack success rate "
@@ -47,6 +47,8 @@ def label_of(name: str | None) -> str:
     key = (name or "attack").lower()
     if key in ("attack", "poisoned"):
         return "poisoned model"
+    if key in ("victim_head", "victim_full"):
+        return "victim: new head only" if key == "victim_head" else "victim: whole model trained"
     from .defenses import DEFENSES
 
     return DEFENSES[key].title if key in DEFENSES else key
@@ -66,15 +68,26 @@ def _go():
     return go, make_subplots
 
 
+TRAINING_STAGES = ("attack", "victim_head", "victim_full")  # stages that make the poisoned model
+
+
 def curves_figure(series: dict[str, list[dict]], title: str | None = None, height: int = 340):
     """ASR (left) and CA (right) against epochs, one line per stage/model (``series``: name ->
-    points with ``epoch``, ``asr``, ``clean_acc``)."""
+    points with ``epoch``, ``asr``, ``clean_acc``). When both the poisoned model's training and
+    defenses are present, they get a row each (defenses all start from the poisoned model)."""
     go, make_subplots = _go()
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Attack success rate (lower is better after defense)",
-                                                        "Clean accuracy (higher is better)"))
+    train = [n for n in series if n in TRAINING_STAGES and series[n]]
+    defs = [n for n in series if n not in TRAINING_STAGES and series[n]]
+    rows = 2 if train and defs else 1
+    titles = ("Attack success rate (ASR)", "Clean accuracy (CA)")
+    if rows == 2:
+        titles = ("Training the poisoned model: ASR", "… and its CA",
+                  "Defenses, starting from the poisoned model: ASR (lower is better)", "… and CA (higher is better)")
+    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.18)
     for name, pts in series.items():
         if not pts:
             continue
+        row = 2 if rows == 2 and name in defs else 1
         x = [p.get("epoch", p.get("step", 0)) for p in pts]
         color = color_of(name)
         for col, key in ((1, "asr"), (2, "clean_acc")):
@@ -82,11 +95,11 @@ def curves_figure(series: dict[str, list[dict]], title: str | None = None, heigh
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label_of(name), legendgroup=name,
                                      showlegend=col == 1, line={"color": color},
                                      hovertemplate="%{y:.1f}% at epoch %{x:.2f}<extra>" + label_of(name) + "</extra>"),
-                          row=1, col=col)
+                          row=row, col=col)
     fig.update_yaxes(range=[0, 100], ticksuffix="%")
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 50 if not title else 70, "b": 40},
-                      title=title, legend={"orientation": "h", "y": -0.25})
+    fig.update_layout(height=height * rows, margin={"l": 40, "r": 10, "t": 50 if not title else 70, "b": 40},
+                      title=title, legend={"orientation": "h", "y": -0.12 if rows == 2 else -0.25})
     return fig
 
 
@@ -127,6 +140,38 @@ def summary_rows(poisoned: dict, defended: dict[str, dict]) -> list[dict]:
                      "ΔCA": _delta(d.get("clean_acc"), poisoned.get("clean_acc")),
                      "ΔASR": _delta(d.get("asr"), poisoned.get("asr")), "seconds": _secs(d.get("seconds"))})
     return rows
+
+
+def conclusion(poisoned: dict, defended: dict[str, dict], success_asr: float = 0.2) -> str:
+    """A plain-words reading of a before/after result, for presenters."""
+    pa, pc = poisoned.get("asr"), poisoned.get("clean_acc")
+    if pa is None:
+        return ""
+    parts = [f"The poisoned model obeys the trigger on {pct(pa, 0)} of triggered test images "
+             f"while classifying {pct(pc, 0)} of clean ones correctly."]
+    if pa < 0.5:
+        parts.append("The backdoor is weak here to begin with, so the defenses have little to remove.")
+    for name, d in defended.items():
+        a, c = d.get("asr"), d.get("clean_acc")
+        if a is None:
+            continue
+        dc = "" if c is None or pc is None else f" (clean accuracy {100 * (c - pc):+.1f} points)"
+        if a <= success_asr:
+            parts.append(f"{label_of(name)} removed the backdoor: ASR {pct(pa, 0)} → {pct(a, 1)}{dc}.")
+        elif a < pa - 0.1:
+            parts.append(f"{label_of(name)} weakened it to {pct(a, 1)} ASR{dc}, but triggers still work often.")
+        else:
+            parts.append(f"{label_of(name)} left the backdoor in place ({pct(a, 1)} ASR){dc}: a small constant "
+                         "learning rate barely moves the model away from the backdoor.")
+    return " ".join(parts)
+
+
+def trigger_on_grey(attack, shape, scale: int = 4) -> np.ndarray:
+    """The trigger drawn on a plain grey image (a patch shows as a crisp square)."""
+    import torch
+
+    grey = torch.full((1, *shape), 128, dtype=torch.uint8)
+    return to_display(attack.render(grey)["poisoned"][0], scale)
 
 
 def _delta(a, b) -> str:
@@ -200,6 +245,7 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
             "residual": [residual_display(i, s) for i in r["residual"]]}
 
 
-__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure",
+__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
+           "trigger_on_grey",
            "curves_figure", "label_of", "pct", "residual_display", "run_series", "schedule_figure",
            "summary_rows", "to_display", "trigger_preview"]

@@ -87,7 +87,7 @@ class Job:
         if self.status != "running":
             return self.status
         p = self.progress
-        bits = []
+        bits = [f"overall {100 * self.overall_fraction:.0f}%"]
         if self.stages:
             i = self.stages.index(self.stage) + 1 if self.stage in self.stages else 1
             bits.append(f"stage {i}/{len(self.stages)}: {stage_title(self.stage)}")
@@ -95,8 +95,8 @@ class Job:
             bits.append(f"step {p['step']}/{p['total_steps']} (epoch {p.get('epoch', 0):.1f})")
         eta = p.get("eta_s")
         if eta is not None and math.isfinite(eta):
-            bits.append(f"ETA {eta:.0f} s for this stage")
-        return " · ".join(bits) or "preparing data"
+            bits.append(f"about {eta:.0f} s left in this stage")
+        return " · ".join(bits) if p.get("total_steps") else " · ".join(bits + ["preparing data"])
 
 
 def stage_title(stage: str | None) -> str:

@@ -15,17 +15,25 @@ rows = ui.store().list()
 if not rows:
     st.info("No runs stored yet: run the quick demo on the Home page or train one in the Attack lab.")
     st.stop()
-table = [{"run": r["id"], "kind": r["kind"], "what": r["name"], "dataset": r["dataset"],
-          "CA": figures.pct(r["clean_acc"]), "ASR": figures.pct(r["asr"]),
-          "seconds": None if r["seconds"] is None else round(r["seconds"], 1), "status": r["status"],
-          "from": r["parent"] or "", "created": dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M")}
-         for r in rows]
-st.dataframe(table, hide_index=True)
+table = [{"created": dt.datetime.fromtimestamp(r["created"]).strftime("%m-%d %H:%M"), "kind": r["kind"],
+          "what": figures.label_of(r["name"]) if r["kind"] == "defense" else r["name"], "dataset": r["dataset"],
+          "CA": None if r["clean_acc"] is None else 100 * r["clean_acc"],
+          "ASR": None if r["asr"] is None else 100 * r["asr"],
+          "seconds": r["seconds"], "status": r["status"], "run": r["id"]} for r in rows]
+st.dataframe(table, hide_index=True, column_config={
+    "CA": st.column_config.NumberColumn("CA", format="%.1f%%", help="clean accuracy (higher is better)"),
+    "ASR": st.column_config.NumberColumn("ASR", format="%.1f%%", help="attack success rate (lower is better)"),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
+    "run": st.column_config.TextColumn("run id", help="defense runs: see 'from' in the comparison below")})
 st.caption("CA: clean accuracy (higher is better). ASR: attack success rate (lower is better after a defense). "
            "A defense run's 'from' is the poisoned run it cleaned.")
 
 ids = [r["id"] for r in rows]
-names = {r["id"]: f"{r['name']} · {r['dataset']} · {r['id']}" for r in rows}
+names = {r["id"]: f"{figures.label_of(r['name']) if r['kind'] == 'defense' else r['name']} ({r['kind']}) on "
+                 f"{r['dataset']} · ASR {figures.pct(r['asr'])} · {r['id'][-6:]}" for r in rows}
+if "runs_select" not in st.session_state:  # start with the newest poisoned model and its defenses
+    newest = next((r for r in rows if r["kind"] in ("attack", "victim")), rows[0])
+    st.session_state["runs_select"] = [newest["id"]] + [r["id"] for r in rows if r["parent"] == newest["id"]]
 sel = st.multiselect("Select runs to compare or export", ids, key="runs_select", format_func=names.get,
                      help="Pick a poisoned run and its defenses to see them side by side")
 if sel:

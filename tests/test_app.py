@@ -68,7 +68,7 @@ def _train_digits(at, **over):
 
 def test_home_explains_and_runs_quick_demo(app):
     assert app.title[0].value == "The backdoor fine-tuning lab"
-    text = " ".join(m.value for m in app.markdown)
+    text = " ".join(m.value for m in app.markdown).lower()
     assert "backdoor" in text and "attack success rate" in text
     assert "Device:" in " ".join(m.value for m in app.sidebar.markdown)
     assert len(app.get("image")) >= 1  # the clean / triggered / trigger picture
@@ -80,6 +80,8 @@ def test_home_explains_and_runs_quick_demo(app):
     assert list(table["model"]) == ["poisoned model", "Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
     assert all(v.endswith("%") for v in table["ASR"])
     assert len(app.get("plotly_chart")) >= 2  # live curves and the before/after bars
+    reading = " ".join(i.value for i in app.info)
+    assert "The poisoned model obeys the trigger" in reading and "Super-fine-tuning (SFT)" in reading
 
 
 def test_attack_lab_preview_train_and_progress(app):
