@@ -102,6 +102,8 @@ class Job:
 def stage_title(stage: str | None) -> str:
     if stage in (None, "attack"):
         return "attack training"
+    if stage in ("victim_head", "victim_full"):
+        return "victim's transfer (new head only)" if stage == "victim_head" else "victim's transfer (whole model)"
     from .defenses import DEFENSES
 
     cls = DEFENSES.get(stage)
@@ -210,7 +212,12 @@ class JobManager:
             if not params.get("parent"):
                 raise ConfigError("pick a poisoned run to defend")
             self.store.get(params["parent"])  # RunNotFound now rather than in the worker
-        return (["attack"] if kind in ("attack", "demo") else []) + list(params.get("defenses") or [])
+        first = []
+        if kind in ("attack", "demo"):
+            first = ["attack"]
+            if (params.get("config") or {}).get("paradigm") == "transfer":
+                first += ["victim_head", "victim_full"]
+        return first + list(params.get("defenses") or [])
 
     def _trim(self) -> None:
         done = sorted((j for j in self._jobs.values() if not j.active), key=lambda j: j.created)
@@ -282,7 +289,8 @@ class JobManager:
         if job.kind == "attack":
             cfg = AttackConfig.from_dict(p["config"])
             self._set_stage(job, "attack")
-            run, _ = run_attack(cfg, store=self.store, callbacks=cbs, stop=stop, train_over=attack_over(cfg))
+            run, _ = run_attack(cfg, store=self.store, callbacks=cbs, stop=stop, train_over=attack_over(cfg),
+                                on_stage=lambda s: self._set_stage(job, s))
             job.run_ids.append(run.id)
             return {"run_id": run.id, "clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
                     "seconds": run.timings.get("total_s"), "status": run.status}

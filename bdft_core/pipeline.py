@@ -27,7 +27,7 @@ from .models import build_model
 from .runs import Run, RunStore, new_run_id
 from .train import TrainConfig, Trainer
 
-PARADIGMS = ("standalone",)
+PARADIGMS = ("standalone", "transfer")  # descriptions and settings: bdft_core.paradigms
 
 # Passes over the training set when ``epochs`` is not given: enough for the defaults to reach the
 # README's figures on a 2-core CPU in about a minute (more epochs help, on a GPU especially).
@@ -45,7 +45,9 @@ class AttackConfig:
     poison_rate: float = 0.1  # share of the training set poisoned, 0..1
     target: int = 0  # target label (all-to-one)
     mode: str = "all_to_one"  # or "all_to_all" (label + 1)
-    paradigm: str = "standalone"
+    paradigm: str = "standalone"  # "standalone" or "transfer" (see bdft_core.paradigms)
+    downstream: str | None = None  # transfer: the victim's dataset (None: the same dataset, disjoint split)
+    paradigm_params: dict[str, Any] = field(default_factory=dict)  # the paradigm's own settings
     model: str = "fastnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: float | None = None  # None: DEFAULT_EPOCHS for the dataset
@@ -73,6 +75,9 @@ class AttackConfig:
     def validate(self) -> "AttackConfig":
         if self.paradigm not in PARADIGMS:
             raise ConfigError(f"unknown paradigm {self.paradigm!r}: available now: {', '.join(PARADIGMS)}")
+        from .paradigms import check_paradigm_params
+
+        check_paradigm_params(self)
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         for name in ("n_train", "n_test"):
@@ -107,6 +112,15 @@ class Setting:
     attack: Any
     splits: Splits
     evaluator: Evaluator
+    pool: torch.Tensor | None = None  # the defender's training indices, in order (None: the standalone split)
+
+    def defender_indices(self, clean_fraction: float) -> torch.Tensor:
+        """The defender's clean images: the first ``clean_fraction`` of its pool (standalone: of the
+        training set; transfer/encoder: of the victim's downstream training data)."""
+        if self.pool is None:
+            return self.splits.defender_indices(clean_fraction)
+        k = max(1, int(round(check_clean_fraction(clean_fraction) * len(self.pool))))
+        return self.pool[:k]
 
 
 def prepare(cfg: AttackConfig) -> Setting:
@@ -127,10 +141,19 @@ def _model_spec(cfg: AttackConfig, data: ImageData) -> dict:
 
 
 def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), stop: threading.Event | None = None,
-               setting: Setting | None = None, train_over: dict | None = None):
+               setting: Setting | None = None, train_over: dict | None = None, on_stage=None):
     """Poison the training set, train a model on it, measure CA/ASR, store the run.
     ``train_over`` overrides :class:`TrainConfig` fields that do not change the result (e.g.
-    ``live_samples``, ``eval_every`` for denser live curves). Returns ``(run, model)``."""
+    ``live_samples``, ``eval_every`` for denser live curves). Returns ``(run, model)``.
+
+    Transfer paradigm: trains the attacker's model and the victim's (head only and whole model), stores
+    all three, and returns the victim model that defenses start from (``on_stage(name)`` marks each)."""
+    if cfg.paradigm == "transfer":  # the attacker's model and the victims; returns the victim defenses start from
+        from .paradigms.transfer import transfer_models
+
+        cfg.validate()
+        ds, _, victims = transfer_models(cfg, store, callbacks, stop, on_stage=on_stage, train_over=train_over)
+        return victims.get(ds.params["victim"]) or next(iter(victims.values()))
     t0 = time.perf_counter()
     s = setting or prepare(cfg)
     torch.manual_seed(cfg.seed)
@@ -164,11 +187,25 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
     return run, model
 
 
+def setting_for(run: Run, cfg: AttackConfig | None = None) -> Setting:
+    """The data, attack and defender's pool a defense of ``run`` works with."""
+    cfg = cfg or attack_config_of(run)
+    if run.kind == "victim":
+        from .paradigms import victim_setting
+
+        return victim_setting(run, cfg)
+    return prepare(cfg)
+
+
 def defender_size(run: Run, clean_fraction: float) -> int:
-    """How many clean images the defender gets from ``run``'s training set at ``clean_fraction``."""
+    """How many clean images the defender gets for ``run`` at ``clean_fraction``."""
+    check_clean_fraction(clean_fraction)
     cfg = attack_config_of(run)
+    if run.kind == "victim":
+        n = int(run.config.get("n_victim", 0)) or len(setting_for(run, cfg).pool)
+        return max(1, int(round(clean_fraction * n)))
     data = get_dataset(cfg.dataset, torch.device("cpu"), cfg.n_train, cfg.n_test, cfg.seed)
-    return len(Splits(len(data.y_train), cfg.seed).defender_indices(check_clean_fraction(clean_fraction)))
+    return len(Splits(len(data.y_train), cfg.seed).defender_indices(clean_fraction))
 
 
 def attack_config_of(run: Run) -> AttackConfig:
@@ -194,14 +231,17 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
         parent_run = parent
         if model is None:
             raise ConfigError("pass the poisoned model along with an unsaved run")
-    if parent_run.kind != "attack":
-        raise ConfigError(f"run {parent_run.id} is a {parent_run.kind} run; defenses start from a poisoned (attack) run")
+    if parent_run.kind not in ("attack", "victim"):
+        raise ConfigError(f"run {parent_run.id} is a {parent_run.kind} run; defenses start from a poisoned model "
+                          "(an attack run, or a victim's model in the transfer and encoder paradigms)")
     cfg = attack_config_of(parent_run)
     if device:
         cfg.device = device
-    s = setting or prepare(cfg)
+    s = setting or setting_for(parent_run, cfg)
     model = copy.deepcopy(model).to(s.device)
-    idx = s.splits.defender_indices(clean_fraction).to(s.device)
+    for p_ in model.parameters():
+        p_.requires_grad_(True)  # a victim may have frozen its encoder; the defense may train all of it
+    idx = s.defender_indices(clean_fraction).to(s.device)
     x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images
     res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,
                   **(train_over or {}))
@@ -228,6 +268,11 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
     check_clean_fraction(clean_fraction)
     for name in defenses:
         build_defense(name)  # fail on an unknown name before training anything
+    if cfg.paradigm == "transfer":
+        from .paradigms.transfer import run_transfer
+
+        cfg.validate()
+        return run_transfer(cfg, defenses, clean_fraction, store, callbacks, stop, on_stage, train_over)
     s = prepare(cfg)
     if on_stage:
         on_stage("attack")

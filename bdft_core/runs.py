@@ -172,7 +172,9 @@ class RunStore:
         _atomic_write_bytes(d / "model.safetensors", st_save(state_for_saving(model), metadata=meta))
         _atomic_write_bytes(d / "run.json", json.dumps(run.to_json(), indent=1, default=_json_default).encode())
         summary = {"attack": run.attack.get("name"), "defense": (run.defense or {}).get("name"),
-                   "model": run.model.get("name"), "device": run.device}
+                   "model": run.model.get("name"), "device": run.device,
+                   "paradigm": run.config.get("paradigm", "standalone"),
+                   "victim": run.config.get("victim") if run.kind == "victim" else None}
         with closing(self._db()) as db, db:
             db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (run.id, run.kind, run.parent, run.created, run.dataset, run.name, run.status,

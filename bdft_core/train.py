@@ -101,7 +101,7 @@ class Trainer:
     def __init__(self, model, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None,
                  schedule: Schedule | None = None, evaluator: Evaluator | None = None,
                  params: list[torch.nn.Parameter] | None = None, stop: threading.Event | None = None,
-                 freeze_bn: bool = False):
+                 freeze_bn: bool = False, extra_loss: Callable | None = None):
         self.cfg = (config or TrainConfig()).validate()
         if len(y) == 0:
             raise ConfigError("no training images")
@@ -114,6 +114,9 @@ class Trainer:
         self.callbacks: dict[str, list[Callable[[Progress], None]]] = defaultdict(list)
         self.amp = pick_amp(self.device, self.cfg.amp)
         self.freeze_bn = freeze_bn  # keep BatchNorm statistics fixed (when only the head trains)
+        # extra_loss(model, step, generator) -> scalar added to the cross-entropy (e.g. the latent
+        # backdoor's feature-matching term); runs under the same autocast as the main forward pass
+        self.extra_loss = extra_loss
 
     def add_callback(self, event: str, fn: Callable[[Progress], None]) -> None:
         if event not in ("on_step", "on_epoch_end", "on_batch"):
@@ -183,6 +186,9 @@ class Trainer:
                 with autocast_ctx(self.device, self.amp):
                     out = model(xb)
                 loss = F.cross_entropy(out.float(), self.y[idx], label_smoothing=cfg.label_smoothing)
+                if self.extra_loss is not None:
+                    with autocast_ctx(self.device, self.amp):
+                        loss = loss + self.extra_loss(model, step, gen).float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -6,6 +6,9 @@ from bdft_core import figures
 from bdft_core.attacks import ATTACKS, build_attack
 from bdft_core.data import dataset_names
 from bdft_core.models import MODELS
+from bdft_core.paradigms import DEFAULTS as PDEFAULTS
+from bdft_core.paradigms import HELP as PHELP
+from bdft_core.paradigms import ROLES
 from bdft_core.pipeline import DEFAULT_EPOCHS, PARADIGMS
 
 st.title("Attack lab")
@@ -20,8 +23,19 @@ with left:
                       format_func=lambda n: n if n in avail else f"{n} (download on first use)",
                       help="Images to poison and train on; 'digits' is small and always offline")
     paradigm = st.selectbox("Paradigm", PARADIGMS, key="atk_paradigm",
-                            help="Standalone: the attacker poisons the training set of the model the victim uses")
-    attack = st.selectbox("Attack", list(ATTACKS), key="atk_attack", format_func=lambda a: ATTACKS[a].title,
+                            help="Who trains what: standalone (the victim trains on poisoned data) or transfer "
+                                 "(the victim builds on a backdoored pretrained model)")
+    with st.expander(f"Who does what in the {paradigm} paradigm", expanded=paradigm != "standalone"):
+        st.markdown("\n".join(f"- **{role}**: {text}" for role, text in ROLES[paradigm].items()))
+    downstream, pparams = None, {}
+    if paradigm != "standalone":
+        downstream = st.selectbox("Downstream dataset (the victim's)", names, index=names.index(ds),
+                                  key="atk_downstream", help="The same dataset uses a disjoint split for the "
+                                  "victim; another dataset (same image size) means a new label space")
+        with st.expander("Transfer settings"):
+            pparams = ui.param_widgets(PDEFAULTS[paradigm], PHELP, "atk_pp", {"victim": ("head", "full")})
+    offered = [a for a in ATTACKS if paradigm != "standalone" or not getattr(ATTACKS[a], "latent", False)]
+    attack = st.selectbox("Attack", offered, key="atk_attack", format_func=lambda a: ATTACKS[a].title,
                           help="How the trigger looks and is applied")
     cls = ATTACKS[attack]
     st.caption(f"Paper: {cls.paper}")
@@ -81,7 +95,8 @@ except Exception as exc:
 
 config = {"dataset": ds, "attack": attack, "params": params, "poison_rate": rate / 100.0, "target": int(target),
           "mode": mode, "paradigm": paradigm, "model": model, "epochs": float(epochs), "seed": int(seed),
-          "n_train": int(n_train) or None}
+          "n_train": int(n_train) or None, "downstream": downstream if downstream != ds else None,
+          "paradigm_params": pparams}
 if st.button("Train", key="atk_train", type="primary", disabled=atk is None,
              help="Poison the training set and train the model in the background"):
     try:

@@ -10,12 +10,13 @@ st.title("Defense lab")
 st.caption("Remove a backdoor: choose a poisoned model, the defenses to try and how much clean data the "
            "defender has, then compare how far each one lowers the attack success rate and what it costs.")
 
-runs = ui.store().list(kind="attack")
+runs = [r for r in ui.store().list() if r["kind"] in ("attack", "victim")]
 if not runs:
     st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
     st.stop()
 ids = [r["id"] for r in runs]
-labels = {r["id"]: f"{r['name']} on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · ASR {figures.pct(r['asr'])}"
+labels = {r["id"]: f"{r['name']}{' → victim (' + str(r.get('victim')) + ')' if r['kind'] == 'victim' else ''}"
+                   f" on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · ASR {figures.pct(r['asr'])}"
                    f" · {r['id']}" for r in runs}
 parent = st.selectbox("Poisoned run", ids, key="def_run", format_func=labels.get,
                       help="The backdoored model to clean (newest first)")

@@ -1,0 +1,94 @@
+"""The learning paradigms of Sha et al. (arXiv:2212.09067): who trains what, on which data, and
+what the defender fine-tunes. Each paradigm states this in ``ROLES`` (shown by the dashboard and
+the docs) and has its own settings (``AttackConfig.paradigm_params``, checked against its defaults).
+
+- ``standalone``: :func:`bdft_core.pipeline.run_attack` (this package only describes it).
+- ``transfer``: :mod:`bdft_core.paradigms.transfer`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+ROLES: dict[str, dict[str, str]] = {
+    "standalone": {
+        "attacker": "poisons part of the training set (trigger + target label) of the model the victim trains",
+        "victim": "trains a model from scratch on that poisoned training set and deploys it",
+        "defender": "fine-tunes the whole deployed model on a small clean, labelled share of the training data",
+        "measured": "CA on the clean test set; ASR on triggered test images whose true class is not the target",
+    },
+    "transfer": {
+        "attacker": "trains a backdoored model on an upstream dataset and publishes it; for a different "
+                    "downstream dataset it can plant a latent (feature-space) backdoor built from a few "
+                    "reference images of the downstream target class",
+        "victim": "replaces the head with one for its own task and trains on its own downstream data: the "
+                  "head only (encoder frozen) or the whole model",
+        "defender": "the victim, fine-tuning the whole model again (FT or SFT) on a clean share of its own "
+                    "downstream training data, disjoint from anything the attacker saw",
+        "measured": "on the downstream test set: CA, and ASR on triggered images whose true class is not the "
+                    "downstream target",
+    },
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "standalone": {},
+    "transfer": {
+        "victim": "head",  # which victim model the defenses start from: "head" (head only) or "full"
+        "victim_share": 0.5,  # same dataset: share of the training set that is the victim's (the rest: attacker's)
+        "head_epochs": 4.0,  # victim's training of a new head on frozen features
+        "head_lr": 0.05,
+        "full_epochs": 2.0,  # victim's fine-tuning of the whole model with a new head
+        "full_lr": 0.02,
+        "n_refs": 50,  # latent backdoor: reference images of the downstream target class
+        "latent_weight": 1.0,  # latent backdoor: weight of the feature-matching loss
+    },
+}
+
+HELP: dict[str, str] = {
+    "victim": "which transferred model the defenses clean: 'head' (only a new head trained) or 'full'",
+    "victim_share": "same-dataset transfer: the victim's share of the training set; the attacker gets the rest",
+    "head_epochs": "victim: epochs training the new head on frozen features",
+    "head_lr": "victim: learning rate for the new head",
+    "full_epochs": "victim: epochs fine-tuning the whole model with the new head",
+    "full_lr": "victim: peak learning rate when fine-tuning the whole model",
+    "n_refs": "latent backdoor: how many images of the downstream target class the attacker holds",
+    "latent_weight": "latent backdoor: weight of the loss pulling triggered features to the target's",
+}
+
+
+def check_paradigm_params(cfg) -> dict[str, Any]:
+    """Fill in and check ``cfg.paradigm_params`` for ``cfg.paradigm``; returns the full settings."""
+    defaults = DEFAULTS.get(cfg.paradigm, {})
+    unknown = set(cfg.paradigm_params) - set(defaults)
+    if unknown:
+        raise ConfigError(f"the {cfg.paradigm} paradigm has no setting(s) {', '.join(sorted(unknown))}"
+                          + (f"; it takes {', '.join(defaults)}" if defaults else ""))
+    p = {**defaults, **cfg.paradigm_params}
+    if cfg.paradigm == "transfer":
+        if p["victim"] not in ("head", "full"):
+            raise ConfigError(f"victim must be 'head' or 'full', got {p['victim']!r}")
+        if not 0.05 <= float(p["victim_share"]) <= 0.95:
+            raise ConfigError(f"victim_share must be between 0.05 and 0.95, got {p['victim_share']}")
+        for k in ("head_epochs", "full_epochs", "head_lr", "full_lr"):
+            if not float(p[k]) > 0:
+                raise ConfigError(f"{k} must be positive, got {p[k]}")
+        if int(p["n_refs"]) < 1:
+            raise ConfigError(f"n_refs must be at least 1, got {p['n_refs']}")
+    elif cfg.paradigm == "standalone" and cfg.downstream:
+        raise ConfigError("a downstream dataset only applies to the transfer and encoder paradigms")
+    if cfg.paradigm == "standalone" and cfg.attack == "latent":
+        raise ConfigError("the latent backdoor targets a downstream task: use it with the transfer paradigm")
+    return p
+
+
+def victim_setting(run, cfg):
+    """The downstream setting (data, attack, defender's pool) a defense of a victim run uses."""
+    if cfg.paradigm == "transfer":
+        from .transfer import downstream_setting
+
+        return downstream_setting(cfg).setting
+    raise ConfigError(f"run {run.id}: no victim setting for the {cfg.paradigm} paradigm")
+
+
+__all__ = ["DEFAULTS", "HELP", "ROLES", "check_paradigm_params", "victim_setting"]

@@ -1,0 +1,259 @@
+"""Transfer-based paradigm: an attacker publishes a backdoored model trained on an upstream dataset;
+a victim puts a new head on it and trains on its own downstream data; the defender (the victim)
+fine-tunes again on clean downstream data. Sha et al. (arXiv:2212.09067) note the victim's transfer
+is itself a fine-tuning, at no extra cost.
+
+Who sees what (:func:`downstream_setting`):
+
+- same dataset upstream and downstream (e.g. CIFAR-10 -> CIFAR-10): one seeded permutation of the
+  training set; its front ``victim_share`` is the victim's, the rest the attacker's. The defender's
+  clean data is the front of the victim's part. Disjoint by construction.
+- different datasets (e.g. CIFAR-10 -> GTSRB): the attacker trains on the upstream training set and,
+  for the latent backdoor, holds ``n_refs`` downstream images of the target class, taken from the back
+  of a seeded permutation of the downstream training set; the victim (and defender) get the rest.
+- test data: the downstream test set, seen by nobody during training. ASR: triggered downstream test
+  images whose true class is not the target.
+
+Plain attacks (BadNets, Blended, ...) poison the upstream labels; the lab reports honestly when they do
+not survive a new head. The latent backdoor (:class:`bdft_core.attacks.Latent`) is built to."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import build_attack
+from ..data import Splits, canonical_name
+from ..device import describe_device, pick_device, setup_threads
+from ..errors import ConfigError
+from ..metrics import Evaluator
+from ..models import build_model
+from ..runs import Run, new_run_id
+from ..train import TrainConfig, Trainer
+
+
+@dataclass
+class Downstream:
+    setting: object  # pipeline.Setting on the downstream data (pool = the victim's training indices)
+    upstream: object  # ImageData
+    attacker_idx: torch.Tensor  # upstream training indices the attacker trains on
+    victim_idx: torch.Tensor  # downstream training indices the victim trains on (the defender's pool)
+    refs_idx: torch.Tensor  # downstream training indices of the attacker's reference images (latent)
+    same: bool
+    params: dict
+
+
+def downstream_setting(cfg) -> Downstream:
+    from ..pipeline import Setting, get_dataset
+    from . import check_paradigm_params
+
+    p = check_paradigm_params(cfg)
+    setup_threads()
+    device = pick_device(cfg.device)
+    up = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
+    down_name = cfg.downstream or cfg.dataset
+    same = canonical_name(down_name) == canonical_name(cfg.dataset)
+    down = up if same else get_dataset(down_name, device, cfg.n_train, cfg.n_test, cfg.seed)
+    if down.image_shape != up.image_shape:
+        raise ConfigError(f"upstream images are {up.image_shape} and downstream images {down.image_shape}: "
+                          "transfer needs the same image size and channels")
+    latent = getattr(build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target,
+                                  mode=cfg.mode, seed=cfg.seed, **cfg.params), "latent", False)
+    if cfg.mode != "all_to_one" and latent:
+        raise ConfigError("the latent backdoor aims at one downstream target class: use mode all_to_one")
+    splits = Splits(len(down.y_train), cfg.seed)
+    order = splits.order().to(device)
+    if same:
+        n_v = int(round(float(p["victim_share"]) * len(order)))
+        victim_idx, attacker_idx = order[:n_v], order[n_v:]
+        tgt = attacker_idx[up.y_train[attacker_idx] == cfg.target]
+        refs_idx = tgt[: int(p["n_refs"])] if latent else tgt[:0]
+    else:
+        back = order.flip(0)
+        tgt = back[down.y_train[back] == cfg.target]
+        refs_idx = tgt[: int(p["n_refs"])] if latent else tgt[:0]
+        keep = torch.ones(len(order), dtype=torch.bool, device=device)
+        keep[refs_idx] = False
+        victim_idx = order[keep[order]]
+        attacker_idx = torch.arange(len(up.y_train), device=device)
+        if latent and len(refs_idx) == 0:
+            raise ConfigError(f"the downstream dataset has no training images of target class {cfg.target}")
+    attack = build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target, mode=cfg.mode,
+                          seed=cfg.seed, **cfg.params)
+    x_bd, y_bd = attack.test_set(down.x_test, down.y_test)
+    ev = Evaluator(down.x_test, down.y_test, x_bd, y_bd, seed=cfg.seed)
+    s = Setting(cfg, device, down, attack, splits, ev, pool=victim_idx)
+    return Downstream(s, up, attacker_idx, victim_idx, refs_idx, same, p)
+
+
+def _figures(run: Run) -> dict:
+    return {"clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
+            "seconds": run.timings.get("total_s"), "run_id": run.id}
+
+
+def _new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    head = nn.Linear(m.classifier.in_features, num_classes)
+    with torch.no_grad():
+        bound = 1 / math.sqrt(head.in_features)
+        head.weight.copy_(torch.rand(head.weight.shape, generator=g) * 2 * bound - bound)
+        head.bias.zero_()
+    m.classifier = head.to(next(model.parameters()).device)
+    return m
+
+
+def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None):
+    """The attacker's upstream training (plain poisoning, or the latent backdoor). Returns
+    ``(run, model)``; the run's figures are on the upstream test set (the attacker's own view)."""
+    from ..pipeline import DEFAULT_EPOCHS
+
+    t0 = time.perf_counter()
+    up, down, p = ds.upstream, ds.setting.data, ds.params
+    torch.manual_seed(cfg.seed)
+    x_a, y_a = up.x_train[ds.attacker_idx], up.y_train[ds.attacker_idx]
+    latent = getattr(ds.setting.attack, "latent", False)
+    k_up = up.num_classes
+    extra_class = latent and not ds.same
+    n_out = k_up + 1 if extra_class else k_up
+    target_up = k_up if extra_class else (cfg.target if cfg.target < k_up else 0)
+    attack_up = build_attack(cfg.attack, up.image_shape, n_out, target=target_up, mode=cfg.mode, seed=cfg.seed,
+                             **cfg.params)
+    poisoned = attack_up.poison(x_a, y_a, cfg.poison_rate, Splits(len(y_a), cfg.seed))
+    x_tr, y_tr = poisoned.x, poisoned.y
+    refs = down.x_train[ds.refs_idx] if latent else None
+    if extra_class:  # the references join as an extra class, about half a class's worth of copies
+        rep = max(1, int(len(y_a) / k_up / 2 / max(1, len(refs))))
+        x_tr = torch.cat([x_tr, refs.repeat(rep, 1, 1, 1)])
+        y_tr = torch.cat([y_tr, torch.full((len(refs) * rep,), k_up, dtype=y_tr.dtype, device=y_tr.device)])
+    model = build_model(cfg.model, n_out, up.image_shape[0], **cfg.model_kwargs)
+    model.fit_data(x_a.cpu())
+    model.to(ds.setting.device)
+    extra = None
+    if latent:
+        weight = float(p["latent_weight"])
+        xr = refs.float() / 255.0
+
+        def extra(m, step, gen):  # pull triggered features onto the references' mean features
+            idx = torch.randint(len(x_a), (64,), device=x_a.device, generator=gen)
+            ft = m.features(attack_up.apply(x_a[idx].float() / 255.0))
+            fr = m.features(xr).mean(0, keepdim=True).detach()
+            return weight * F.mse_loss(ft.float(), fr.float().expand_as(ft)) / fr.float().pow(2).mean().clamp_min(1e-6)
+
+    x_bd, y_bd = attack_up.test_set(up.x_test, up.y_test)
+    ev = Evaluator(up.x_test, up.y_test, x_bd, y_bd, seed=cfg.seed)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(up.name, 4.0)
+    tcfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, translate=cfg.translate, seed=cfg.seed,
+                       eval_every=cfg.eval_every)
+    for k, v in (train_over or {}).items():
+        setattr(tcfg, k, v)
+    tr = Trainer(model, x_tr, y_tr, tcfg, evaluator=ev, stop=stop, extra_loss=extra)
+    for event, fn in callbacks:
+        tr.add_callback(event, fn)
+    res = tr.run()
+    spec = {"name": cfg.model, "num_classes": n_out, "channels": up.image_shape[0],
+            "image_size": list(up.image_shape[1:]), "kwargs": dict(cfg.model_kwargs)}
+    run = Run(id=new_run_id("attack"), kind="attack", created=time.time(), dataset=up.name, model=spec,
+              attack={**attack_up.config(), "poison_rate": cfg.poison_rate, "n_poisoned": len(poisoned.poison_idx),
+                      "title": attack_up.title, "paper": attack_up.paper, "upstream_target": target_up,
+                      "n_refs": 0 if refs is None else len(refs)},
+              config={**asdict(cfg), "epochs": epochs, "train": asdict(tcfg), "stage": "attacker (upstream)",
+                      "paradigm_params": p, "n_attacker": len(ds.attacker_idx)},
+              seed=cfg.seed, device=describe_device(ds.setting.device),
+              status="stopped" if res.stopped else "finished", history=res.history,
+              final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
+              timings={"total_s": time.perf_counter() - t0, "train_s": res.seconds, "images_per_s": res.images_per_s})
+    return run, model
+
+
+def transfer_victim(cfg, ds: Downstream, attacker: Run, model, how: str, callbacks=(), stop=None, train_over=None):
+    """The victim's transfer: a new head on the published model, trained on the victim's data with the
+    encoder frozen (``how="head"``) or the whole model trained (``"full"``). Returns ``(run, model)``."""
+    t0 = time.perf_counter()
+    s, p = ds.setting, ds.params
+    vm = _new_head(model, s.data.num_classes, cfg.seed)
+    head_only = how == "head"
+    for prm in vm.parameters():
+        prm.requires_grad_(not head_only)
+    for prm in vm.classifier.parameters():
+        prm.requires_grad_(True)
+    x, y = s.data.x_train[ds.victim_idx], s.data.y_train[ds.victim_idx]
+    tcfg = TrainConfig(epochs=float(p["head_epochs" if head_only else "full_epochs"]),
+                       lr=float(p["head_lr" if head_only else "full_lr"]), batch_size=256, label_smoothing=0.0,
+                       translate=0, warmup=0.1, seed=cfg.seed, eval_at_start=False)
+    for k, v in (train_over or {}).items():
+        setattr(tcfg, k, v)
+    tr = Trainer(vm, x, y, tcfg, evaluator=s.evaluator, stop=stop,
+                 params=list(vm.classifier.parameters()) if head_only else None, freeze_bn=head_only)
+    for event, fn in callbacks:
+        tr.add_callback(event, fn)
+    res = tr.run()
+    spec = {**attacker.model, "num_classes": s.data.num_classes}
+    run = Run(id=new_run_id("victim"), kind="victim", created=time.time(), dataset=s.data.name, model=spec,
+              attack=attacker.attack, parent=attacker.id,
+              config={**attacker.config, "stage": f"victim ({'head only' if head_only else 'whole model'})",
+                      "victim": how, "n_victim": len(ds.victim_idx), "train": asdict(tcfg)},
+              seed=cfg.seed, device=describe_device(s.device), status="stopped" if res.stopped else "finished",
+              history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
+              timings={"total_s": time.perf_counter() - t0, "train_s": res.seconds, "images_per_s": res.images_per_s})
+    return run, vm
+
+
+def transfer_models(cfg, store=None, callbacks=(), stop=None, on_stage=None, train_over=None):
+    """The attacker's model and both victims, stored as runs. Returns ``(ds, out, victims)`` with
+    ``victims[how] = (run, model)`` for ``how`` in "head", "full"."""
+    ds = downstream_setting(cfg)
+    stage = on_stage or (lambda name: None)
+    stage("attack")
+    a_run, a_model = train_attacker(cfg, ds, callbacks, stop, train_over)
+    if store is not None:
+        store.save(a_run, a_model)
+    out = {"dataset": ds.upstream.name, "downstream": ds.setting.data.name, "paradigm": "transfer",
+           "attack": cfg.attack, "model": cfg.model, "device": a_run.device, "attacker": _figures(a_run),
+           "victim": ds.params["victim"], "defended": {}}
+    victims = {}
+    for how in ("head", "full"):
+        if stop is not None and stop.is_set():
+            break
+        stage(f"victim_{how}")
+        v_run, v_model = transfer_victim(cfg, ds, a_run, a_model, how, callbacks, stop, train_over)
+        if store is not None:
+            store.save(v_run, v_model)
+        victims[how] = (v_run, v_model)
+        out[f"victim_{how}"] = _figures(v_run)
+    return ds, out, victims
+
+
+def run_transfer(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.2, store=None, callbacks=(), stop=None,
+                 on_stage=None, train_over=None) -> dict:
+    """Attacker, victim (head only and whole model), then each defense on the victim model named by
+    ``paradigm_params["victim"]``. Every model is stored as a run; returns the figures as a dict
+    shaped like :func:`bdft_core.pipeline.run_demo`'s (``poisoned`` = the victim model defended)."""
+    from ..pipeline import run_defense
+
+    t0 = time.perf_counter()
+    stage = on_stage or (lambda name: None)
+    ds, out, victims = transfer_models(cfg, store, callbacks, stop, on_stage, train_over)
+    out["clean_fraction"] = clean_fraction
+    chosen = victims.get(ds.params["victim"])
+    if chosen is not None:
+        out["run_id"] = chosen[0].id
+        out["poisoned"] = _figures(chosen[0])
+        for name in defenses:
+            if stop is not None and stop.is_set():
+                break
+            stage(name)
+            d_run, _ = run_defense(chosen[0], name, clean_fraction=clean_fraction, store=store, callbacks=callbacks,
+                                   stop=stop, model=chosen[1], setting=ds.setting, train_over=train_over)
+            out["defended"][name] = _figures(d_run)
+    out["stopped"] = bool(stop is not None and stop.is_set())
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+__all__ = ["Downstream", "downstream_setting", "run_transfer", "train_attacker", "transfer_models", "transfer_victim"]

@@ -1,0 +1,111 @@
+"""The transfer paradigm: who sees which data, and the flow attacker -> victim -> defense."""
+import numpy as np
+import pytest
+import torch
+
+from bdft_core.errors import ConfigError
+from bdft_core.paradigms.transfer import downstream_setting
+from bdft_core.pipeline import AttackConfig, run_defense, run_demo, setting_for
+from bdft_core.runs import RunStore
+
+QUICK = {"head_epochs": 1.0, "full_epochs": 1.0}
+
+
+def _other_npz(tmp_path, classes=5):
+    """A second 8x8 grayscale dataset (same image shape as digits, another label space)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "other.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8),
+             y_train=np.arange(300) % classes, x_test=rng.integers(0, 256, (100, 8, 8, 1), dtype=np.uint8),
+             y_test=np.arange(100) % classes, classes=np.array([f"c{i}" for i in range(classes)]))
+    return str(path)
+
+
+def _as_set(t):
+    return set(t.cpu().tolist())
+
+
+def test_same_dataset_split_is_disjoint():
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", attack="latent", target=3,
+                       paradigm_params={"victim_share": 0.6, "n_refs": 10})
+    ds = downstream_setting(cfg)
+    n = len(ds.setting.data.y_train)
+    victim, attacker, refs = _as_set(ds.victim_idx), _as_set(ds.attacker_idx), _as_set(ds.refs_idx)
+    assert not victim & attacker and victim | attacker == set(range(n))
+    assert len(victim) == round(0.6 * n)
+    assert refs <= attacker and len(refs) == 10  # the attacker's references come from its own share
+    assert (ds.setting.data.y_train[ds.refs_idx] == 3).all()
+    for f in (0.005, 0.3, 1.0):  # the defender's clean data is always the victim's own
+        assert _as_set(ds.setting.defender_indices(f)) <= victim
+    assert ds.setting.defender_indices(1.0).numel() == len(victim)
+
+
+def test_other_dataset_keeps_references_away_from_victim_and_defender(tmp_path):
+    other = _other_npz(tmp_path)
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", attack="latent", downstream=other, target=2,
+                       paradigm_params={"n_refs": 7})
+    ds = downstream_setting(cfg)
+    assert not ds.same and ds.setting.data.num_classes == 5 and ds.upstream.num_classes == 10
+    refs, victim = _as_set(ds.refs_idx), _as_set(ds.victim_idx)
+    assert len(refs) == 7 and not refs & victim and refs | victim == set(range(300))
+    assert (ds.setting.data.y_train[ds.refs_idx] == 2).all()
+    assert not _as_set(ds.setting.defender_indices(1.0)) & refs
+    assert len(ds.attacker_idx) == len(ds.upstream.y_train)  # the attacker's upstream data: all of it
+    # ASR is measured on the downstream test set, target excluded
+    assert (ds.setting.evaluator.y_bd == 2).all()
+    assert len(ds.setting.evaluator.y_bd) == int((ds.setting.data.y_test != 2).sum())
+
+
+def test_bad_transfer_settings(tmp_path):
+    with pytest.raises(ConfigError, match="no setting"):
+        AttackConfig(dataset="digits", paradigm="transfer", paradigm_params={"colour": 1}).validate()
+    with pytest.raises(ConfigError, match="victim must be"):
+        AttackConfig(dataset="digits", paradigm="transfer", paradigm_params={"victim": "all"}).validate()
+    with pytest.raises(ConfigError, match="transfer paradigm"):
+        AttackConfig(dataset="digits", attack="latent").validate()
+    with pytest.raises(ConfigError, match="downstream"):
+        AttackConfig(dataset="digits", downstream="digits").validate()
+    big = tmp_path / "big.npz"
+    z = np.zeros((20, 16, 16, 1), np.uint8)
+    np.savez(big, x_train=z, y_train=np.arange(20) % 2, x_test=z, y_test=np.arange(20) % 2)
+    with pytest.raises(ConfigError, match="same image size"):
+        downstream_setting(AttackConfig(dataset="digits", paradigm="transfer", downstream=str(big)))
+
+
+@pytest.mark.parametrize("attack", ["badnets", "latent"])
+def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
+    store = RunStore(tmp_path / "runs")
+    other = _other_npz(tmp_path)
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", attack=attack, downstream=other, target=1, epochs=3.0,
+                       paradigm_params=QUICK)
+    out = run_demo(cfg, clean_fraction=0.3, store=store)
+    for k in ("attacker", "victim_head", "victim_full", "poisoned"):
+        assert 0 <= out[k]["asr"] <= 1 and 0 <= out[k]["clean_acc"] <= 1
+    assert set(out["defended"]) == {"ft", "sft"}
+    attacker = store.get(out["attacker"]["run_id"])
+    assert attacker.kind == "attack" and attacker.dataset == "digits"
+    assert attacker.model["num_classes"] == (11 if attack == "latent" else 10)  # latent: the extra class
+    kids = store.children(attacker.id)
+    assert {k["kind"] for k in kids} == {"victim"} and len(kids) == 2
+    victim = store.get(out["run_id"])
+    assert victim.parent == attacker.id and victim.model["num_classes"] == 5 and victim.config["victim"] == "head"
+    # the stored victim reopens with its downstream setting, and a defense from the store works
+    s = setting_for(victim)
+    assert s.data.num_classes == 5
+    d_run, _ = run_defense(victim.id, "ft", params={"epochs": 1.0}, clean_fraction=0.5, store=store)
+    assert d_run.parent == victim.id and d_run.config["n_clean"] == round(0.5 * victim.config["n_victim"])
+    assert store.delete(attacker.id)[-1] == attacker.id  # deleting the attacker takes the victims and defenses
+    assert store.list() == []
+
+
+def test_head_only_victim_keeps_the_published_encoder(tmp_path):
+    from bdft_core.paradigms.transfer import train_attacker, transfer_victim
+
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", epochs=1.0, paradigm_params=QUICK)
+    ds = downstream_setting(cfg)
+    a_run, a_model = train_attacker(cfg, ds)
+    v_run, v_model = transfer_victim(cfg, ds, a_run, a_model, "head")
+    for (k, v), (k2, v2) in zip(a_model.body.state_dict().items(), v_model.body.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k  # frozen body, frozen BatchNorm statistics
+    f_run, f_model = transfer_victim(cfg, ds, a_run, a_model, "full")
+    assert not torch.equal(a_model.body[2][0].weight, f_model.body[2][0].weight)
