@@ -123,8 +123,29 @@ class Setting:
         return self.pool[:k]
 
 
+def keep_trigger_image(cfg: AttackConfig) -> AttackConfig:
+    """A trigger image given as a file path is checked and copied into the runs directory (by
+    content hash), and the config points there: a run stays reproducible when the original file
+    moves or changes."""
+    from pathlib import Path
+
+    from .attacks import ATTACKS
+    from .runs import runs_dir
+    from .uploads import save_trigger_image
+
+    cls = ATTACKS.get(str(cfg.attack).lower())
+    key = getattr(cls, "image_param", None)
+    val = cfg.params.get(key) if key else None
+    if isinstance(val, str) and val not in cls.choices.get(key, ()) and Path(val).expanduser().is_file():
+        p = Path(val).expanduser()
+        if p.resolve().parent != (runs_dir() / "triggers").resolve():
+            cfg.params = {**cfg.params, key: str(save_trigger_image(p.read_bytes(), p.name))}
+    return cfg
+
+
 def prepare(cfg: AttackConfig) -> Setting:
     cfg.validate()
+    keep_trigger_image(cfg)
     setup_threads()
     device = pick_device(cfg.device)
     data = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)

@@ -138,3 +138,17 @@ def test_preview_images():
     assert prev["poisoned"][0][0, 0].tolist() == [255, 255, 255] and prev["poisoned"][0][5, 5].tolist() == [0, 0, 0]
     # residual: mid-grey where nothing changed, white where the patch added +1
     assert prev["residual"][0][5, 5].tolist() == [128, 128, 128] and prev["residual"][0][0, 0].tolist() == [255] * 3
+
+
+def test_trigger_file_is_kept_with_the_runs(tmp_path, monkeypatch):
+    from bdft_core.pipeline import AttackConfig, prepare
+    from bdft_core.runs import runs_dir
+
+    src = tmp_path / "mine.png"
+    src.write_bytes(_png(3, 3, color=(0, 255, 0)))
+    cfg = AttackConfig(dataset="digits", params={"pattern": str(src)})
+    s = prepare(cfg)
+    kept = cfg.params["pattern"]
+    assert kept != str(src) and kept.startswith(str(runs_dir() / "triggers"))
+    src.unlink()  # the original may disappear; the run still has its trigger
+    assert prepare(AttackConfig(dataset="digits", params={"pattern": kept})).attack.config() == s.attack.config()
