@@ -111,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store", action="store_true", help="do not store the runs")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("pretrain-encoder", help="SimCLR-pretrain a clean encoder on unlabeled images; linear-probe it")
+    p.add_argument("--dataset", default="cifar10", help="unlabeled pretraining images: its train split")
+    p.add_argument("--probe-datasets", default="cifar10,gtsrb", help="comma-separated linear-probe datasets")
+    p.add_argument("--epochs", type=float, default=10.0, help="SimCLR passes over the training images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.5, help="peak SGD learning rate (warmup, then cosine)")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    p.add_argument("--widths", default="32,64,128", help="fastnet block widths (the embedding is the last)")
+    p.add_argument("--n-train", type=int, default=None, help="pretrain on a seeded slice of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="assets/encoder_cifar10.safetensors", help="weights (.safetensors); a .json record goes beside")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("runs", help="list, show or delete stored runs")
     p.add_argument("action", choices=["list", "show", "delete"])
     p.add_argument("run_id", nargs="?")
@@ -145,6 +159,8 @@ def _dispatch(a) -> int:
 
     if a.cmd == "runs":
         return _runs(a, RunStore(a.runs_dir))
+    if a.cmd == "pretrain-encoder":
+        return _pretrain_encoder(a)
     cbs = _progress_printer(quiet=False)
     stop = threading.Event()
     if a.cmd == "attack":
@@ -204,4 +220,81 @@ def _runs(a, store) -> int:
         return 0
     removed = store.delete(a.run_id)
     _emit({"deleted": removed}, a.json, "deleted " + ", ".join(removed))
+    return 0
+
+
+def _pretrain_encoder(a) -> int:
+    """SimCLR-pretrain fastnet's encoder on the dataset's train images (labels unused), linear-probe
+    it on each probe dataset (train -> test), write the weights (safetensors, model spec in the
+    metadata) and a JSON record (command, data, seed, time, device, versions, probe accuracies)."""
+    import os
+    import platform
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .data import load_dataset
+    from .device import describe_device, pick_device, setup_threads
+    from .models import build_model
+    from .runs import versions
+    from .ssl import encoder_spec, linear_probe, pretrain_simclr, save_encoder
+
+    out = Path(a.out)
+    if out.suffix != ".safetensors":
+        raise BdftError(f"--out must end in .safetensors, got {out}")
+    try:
+        widths = [int(w) for w in a.widths.split(",") if w.strip()]
+    except ValueError:
+        raise BdftError(f"--widths takes comma-separated integers, got {a.widths!r}") from None
+    setup_threads()
+    dev = pick_device(a.device)
+    t_all = time.perf_counter()
+    data = load_dataset(a.dataset)
+    x = data.x_train
+    if a.n_train:
+        g = torch.Generator().manual_seed(a.seed)
+        x = x[torch.randperm(len(x), generator=g)[:a.n_train]]
+    torch.manual_seed(a.seed)
+    kwargs = {"widths": widths, "pool": "avg"}
+    c, h, w = data.image_shape
+    model = build_model("fastnet", 10, c, **kwargs).to(dev)
+    model.fit_data(data.x_train)
+    print(f"pretraining fastnet {widths} on {len(x)} {data.name} images for {a.epochs} epochs on "
+          f"{describe_device(dev)}", file=sys.stderr, flush=True)
+
+    def show(p):
+        print(f"  epoch {p.epoch:.2f}  step {p.step}/{p.total_steps}  loss {p.loss:.3f}  lr {p.lr:.3g}  "
+              f"{p.images_per_s:.0f} img/s  ETA {p.eta_s:.0f}s", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    _, hist = pretrain_simclr(model, x.to(dev), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                              temperature=a.temperature, seed=a.seed, callbacks=[("on_epoch_end", show)])
+    pretrain_s = time.perf_counter() - t0
+    probes = {}
+    for name in [n.strip() for n in a.probe_datasets.split(",") if n.strip()]:
+        d = data if name == a.dataset else load_dataset(name)
+        r = linear_probe(model, d.x_train.to(dev), d.y_train.to(dev), d.x_test.to(dev), d.y_test.to(dev),
+                         seed=a.seed, num_classes=d.num_classes)
+        probes[name] = {"acc": r["acc"], "train_acc": r["train_acc"], "seconds": r["seconds"]}
+        print(f"  linear probe on {name}: test accuracy {_fmt(r['acc'])}", file=sys.stderr, flush=True)
+    model.classifier.reset_parameters()  # the shipped file is an encoder: its 10-way head is untrained
+    spec = encoder_spec("fastnet", 10, c, (h, w), **kwargs)
+    command = (f"python -m bdft_core pretrain-encoder --dataset {a.dataset} --probe-datasets {a.probe_datasets} "
+               f"--epochs {a.epochs:g} --batch-size {a.batch_size} --lr {a.lr:g} --temperature {a.temperature:g} "
+               f"--widths {','.join(map(str, widths))} --seed {a.seed} --device {a.device} --out {a.out}"
+               + (f" --n-train {a.n_train}" if a.n_train else ""))
+    record = {"command": command,
+              "dataset": data.name, "n_train": len(x), "seed": a.seed, "epochs": a.epochs,
+              "batch_size": a.batch_size, "lr": a.lr, "temperature": a.temperature, "spec": spec,
+              "pretrain_s": round(pretrain_s, 1), "wall_s": round(time.perf_counter() - t_all, 1),
+              "device": describe_device(dev), "host": platform.machine(), "threads": torch.get_num_threads(),
+              "bdft_threads_env": os.environ.get("BDFT_THREADS"), "versions": versions(),
+              "linear_probe": probes, "history": hist, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_encoder(model, out, spec, extra={k: v for k, v in record.items() if k != "history"})
+    record["weights"] = str(out)
+    record["bytes"] = out.stat().st_size
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    _emit(record, a.json, f"encoder written to {out} ({record['bytes'] / 1e6:.1f} MB, {record['wall_s']:.0f}s); "
+                          + ", ".join(f"probe {k} {_fmt(v['acc'])}" for k, v in probes.items()))
     return 0
