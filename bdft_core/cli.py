@@ -77,6 +77,10 @@ def _add_attack_args(p):
     p.add_argument("--n-train", type=int, default=None, help="train on a seeded slice of this many images")
     p.add_argument("--n-test", type=int, default=None, help="evaluate on a seeded slice of this many images")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--paradigm", default="standalone", help="standalone or transfer (see README)")
+    p.add_argument("--downstream", default=None, help="transfer: the victim's dataset (default: the same, split)")
+    p.add_argument("--pparam", action="append", metavar="KEY=VALUE",
+                   help="paradigm setting, repeatable (e.g. victim=full, n_refs=20)")
 
 
 def _attack_config(a):
@@ -84,7 +88,8 @@ def _attack_config(a):
 
     return AttackConfig(dataset=a.dataset, attack=a.attack, params=_params(a.param), poison_rate=a.poison_rate,
                         target=a.target, mode=a.mode, model=a.model, epochs=a.epochs, lr=a.lr,
-                        batch_size=a.batch_size, seed=a.seed, n_train=a.n_train, n_test=a.n_test, device=a.device)
+                        batch_size=a.batch_size, seed=a.seed, n_train=a.n_train, n_test=a.n_test, device=a.device,
+                        paradigm=a.paradigm, downstream=a.downstream, paradigm_params=_params(a.pparam))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,8 +197,18 @@ def _dispatch(a) -> int:
         cf = DEFAULT_CLEAN_FRACTION if a.clean_fraction is None else a.clean_fraction
         store = None if a.no_store else RunStore(a.runs_dir)
         out = run_demo(cfg, defenses=defenses, clean_fraction=cf, store=store, callbacks=cbs, stop=stop)
-        lines = [f"{out['dataset']} / {out['attack']} on {out['device']}: poisoned model CA "
-                 f"{_fmt(out['poisoned']['clean_acc'])}, ASR {_fmt(out['poisoned']['asr'])}"]
+        lines = []
+        if out.get("paradigm") == "transfer":
+            lines.append(f"attacker's model on {out['dataset']}: CA {_fmt(out['attacker']['clean_acc'])}, "
+                         f"ASR {_fmt(out['attacker']['asr'])}")
+            for how in ("head", "full"):
+                if f"victim_{how}" in out:
+                    v = out[f"victim_{how}"]
+                    lines.append(f"  victim on {out['downstream']} ({how}): CA {_fmt(v['clean_acc'])}, "
+                                 f"ASR {_fmt(v['asr'])}")
+        if "poisoned" in out:
+            lines.append(f"{out['dataset']} / {out['attack']} on {out['device']}: poisoned model CA "
+                         f"{_fmt(out['poisoned']['clean_acc'])}, ASR {_fmt(out['poisoned']['asr'])}")
         for name, r in out["defended"].items():
             lines.append(f"  after {name}: CA {_fmt(r['clean_acc'])}, ASR {_fmt(r['asr'])} ({r['seconds']:.1f}s)")
         lines.append(f"total {out['seconds']:.1f}s")

@@ -102,6 +102,8 @@ class Job:
 def stage_title(stage: str | None) -> str:
     if stage in (None, "attack"):
         return "attack training"
+    if stage == "clean_probe":
+        return "victim's probe on the clean encoder"
     if stage in ("victim_head", "victim_full"):
         return "victim's transfer (new head only)" if stage == "victim_head" else "victim's transfer (whole model)"
     from .defenses import DEFENSES
@@ -215,8 +217,11 @@ class JobManager:
         first = []
         if kind in ("attack", "demo"):
             first = ["attack"]
-            if (params.get("config") or {}).get("paradigm") == "transfer":
+            paradigm = (params.get("config") or {}).get("paradigm")
+            if paradigm == "transfer":
                 first += ["victim_head", "victim_full"]
+            elif paradigm == "encoder":
+                first = ["clean_probe", "attack", "victim_head"]
         return first + list(params.get("defenses") or [])
 
     def _trim(self) -> None:

@@ -27,7 +27,7 @@ from .models import build_model
 from .runs import Run, RunStore, new_run_id
 from .train import TrainConfig, Trainer
 
-PARADIGMS = ("standalone", "transfer")  # descriptions and settings: bdft_core.paradigms
+PARADIGMS = ("standalone", "transfer", "encoder")  # descriptions and settings: bdft_core.paradigms
 
 # Passes over the training set when ``epochs`` is not given: enough for the defaults to reach the
 # README's figures on a 2-core CPU in about a minute (more epochs help, on a GPU especially).
@@ -45,8 +45,8 @@ class AttackConfig:
     poison_rate: float = 0.1  # share of the training set poisoned, 0..1
     target: int = 0  # target label (all-to-one)
     mode: str = "all_to_one"  # or "all_to_all" (label + 1)
-    paradigm: str = "standalone"  # "standalone" or "transfer" (see bdft_core.paradigms)
-    downstream: str | None = None  # transfer: the victim's dataset (None: the same dataset, disjoint split)
+    paradigm: str = "standalone"  # "standalone", "transfer" or "encoder" (see bdft_core.paradigms)
+    downstream: str | None = None  # the victim's dataset (transfer: None = the same, split; encoder: None = gtsrb)
     paradigm_params: dict[str, Any] = field(default_factory=dict)  # the paradigm's own settings
     model: str = "fastnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +175,12 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
         cfg.validate()
         ds, _, victims = transfer_models(cfg, store, callbacks, stop, on_stage=on_stage, train_over=train_over)
         return victims.get(ds.params["victim"]) or next(iter(victims.values()))
+    if cfg.paradigm == "encoder":  # BadEncoder + the victim's probe: the model defenses start from
+        from .paradigms.encoder import encoder_models
+
+        cfg.validate()
+        _, _, run, model = encoder_models(cfg, store, callbacks, stop, on_stage=on_stage)
+        return run, model
     t0 = time.perf_counter()
     s = setting or prepare(cfg)
     torch.manual_seed(cfg.seed)
@@ -211,7 +217,7 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
 def setting_for(run: Run, cfg: AttackConfig | None = None) -> Setting:
     """The data, attack and defender's pool a defense of ``run`` works with."""
     cfg = cfg or attack_config_of(run)
-    if run.kind == "victim":
+    if run.kind == "victim" or cfg.paradigm == "encoder":
         from .paradigms import victim_setting
 
         return victim_setting(run, cfg)
@@ -222,7 +228,7 @@ def defender_size(run: Run, clean_fraction: float) -> int:
     """How many clean images the defender gets for ``run`` at ``clean_fraction``."""
     check_clean_fraction(clean_fraction)
     cfg = attack_config_of(run)
-    if run.kind == "victim":
+    if run.kind == "victim" or cfg.paradigm == "encoder":
         n = int(run.config.get("n_victim", 0)) or len(setting_for(run, cfg).pool)
         return max(1, int(round(clean_fraction * n)))
     data = get_dataset(cfg.dataset, torch.device("cpu"), cfg.n_train, cfg.n_test, cfg.seed)
@@ -294,6 +300,11 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
 
         cfg.validate()
         return run_transfer(cfg, defenses, clean_fraction, store, callbacks, stop, on_stage, train_over)
+    if cfg.paradigm == "encoder":
+        from .paradigms.encoder import run_encoder
+
+        cfg.validate()
+        return run_encoder(cfg, defenses, clean_fraction, store, callbacks, stop, on_stage, train_over)
     s = prepare(cfg)
     if on_stage:
         on_stage("attack")

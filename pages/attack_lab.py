@@ -29,10 +29,12 @@ with left:
         st.markdown("\n".join(f"- **{role}**: {text}" for role, text in ROLES[paradigm].items()))
     downstream, pparams = None, {}
     if paradigm != "standalone":
-        downstream = st.selectbox("Downstream dataset (the victim's)", names, index=names.index(ds),
-                                  key="atk_downstream", help="The same dataset uses a disjoint split for the "
-                                  "victim; another dataset (same image size) means a new label space")
-        with st.expander("Transfer settings"):
+        first = "gtsrb" if paradigm == "encoder" and "gtsrb" in names else ds
+        downstream = st.selectbox("Downstream dataset (the victim's)", names, index=names.index(first),
+                                  key=f"atk_downstream_{paradigm}", help="The victim's own labelled data. Transfer: "
+                                  "the same dataset uses a disjoint split; another one (same image size) a new label "
+                                  "space. Encoder: the probe's dataset")
+        with st.expander(f"{paradigm.capitalize()} settings"):
             pparams = ui.param_widgets(PDEFAULTS[paradigm], PHELP, "atk_pp", {"victim": ("head", "full")})
     offered = [a for a in ATTACKS if paradigm != "standalone" or not getattr(ATTACKS[a], "latent", False)]
     attack = st.selectbox("Attack", offered, key="atk_attack", format_func=lambda a: ATTACKS[a].title,
@@ -95,7 +97,8 @@ except Exception as exc:
 
 config = {"dataset": ds, "attack": attack, "params": params, "poison_rate": rate / 100.0, "target": int(target),
           "mode": mode, "paradigm": paradigm, "model": model, "epochs": float(epochs), "seed": int(seed),
-          "n_train": int(n_train) or None, "downstream": downstream if downstream != ds else None,
+          "n_train": int(n_train) or None,
+          "downstream": downstream if downstream != ds or paradigm == "encoder" else None,
           "paradigm_params": pparams}
 if st.button("Train", key="atk_train", type="primary", disabled=atk is None,
              help="Poison the training set and train the model in the background"):

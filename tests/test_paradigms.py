@@ -109,3 +109,49 @@ def test_head_only_victim_keeps_the_published_encoder(tmp_path):
         assert k == k2 and torch.equal(v, v2), k  # frozen body, frozen BatchNorm statistics
     f_run, f_model = transfer_victim(cfg, ds, a_run, a_model, "full")
     assert not torch.equal(a_model.body[2][0].weight, f_model.body[2][0].weight)
+
+
+def _tiny_encoder(tmp_path):
+    from bdft_core.data import load_dataset
+    from bdft_core.models import build_model
+    from bdft_core.ssl import encoder_spec, save_encoder
+
+    torch.manual_seed(0)
+    m = build_model("fastnet", 10, 1, widths=[8, 16, 16], pool="avg")
+    m.fit_data(load_dataset("digits").x_train)
+    return str(save_encoder(m, tmp_path / "enc.safetensors", encoder_spec("fastnet", 10, 1, (8, 8),
+                                                                          widths=[8, 16, 16], pool="avg")))
+
+
+def test_encoder_paradigm_data_flow_and_runs(tmp_path):
+    from bdft_core.paradigms.encoder import encoder_setting
+
+    other = _other_npz(tmp_path)
+    pp = {"encoder": _tiny_encoder(tmp_path), "shadow_size": 200, "n_refs": 5, "bad_epochs": 1.0,
+          "probe_epochs": 3}
+    cfg = AttackConfig(dataset="digits", paradigm="encoder", downstream=other, target=4, paradigm_params=pp)
+    es = encoder_setting(cfg)
+    refs, victim = _as_set(es.refs_idx), _as_set(es.victim_idx)
+    assert len(refs) == 5 and not refs & victim and refs | victim == set(range(300))
+    assert (es.setting.data.y_train[es.refs_idx] == 4).all()
+    assert len(es.shadow) == 200 and es.shadow.shape[1:] == (1, 8, 8)  # upstream images, no labels used
+    assert not _as_set(es.setting.defender_indices(1.0)) & refs
+    store = RunStore(tmp_path / "runs")
+    out = run_demo(cfg, clean_fraction=0.5, store=store)
+    assert set(out["defended"]) == {"ft", "sft"}
+    for k in ("clean_encoder", "poisoned"):
+        assert 0 <= out[k]["clean_acc"] <= 1 and 0 <= out[k]["asr"] <= 1
+    run = store.get(out["run_id"])
+    assert run.kind == "attack" and run.model["num_classes"] == 5 and run.config["paradigm"] == "encoder"
+    assert {c["name"] for c in store.children(run.id)} == {"ft", "sft"}
+    d_run, _ = run_defense(run.id, "sft", clean_fraction=0.1, store=store)  # reopened from the store
+    assert d_run.config["n_clean"] == round(0.1 * len(victim))
+
+
+def test_missing_encoder_file_is_a_clear_error(tmp_path):
+    from bdft_core.errors import CheckpointError
+
+    cfg = AttackConfig(dataset="digits", paradigm="encoder", downstream=_other_npz(tmp_path),
+                       paradigm_params={"encoder": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(CheckpointError, match="not found"):
+        run_demo(cfg)

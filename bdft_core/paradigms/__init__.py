@@ -4,6 +4,7 @@ the docs) and has its own settings (``AttackConfig.paradigm_params``, checked ag
 
 - ``standalone``: :func:`bdft_core.pipeline.run_attack` (this package only describes it).
 - ``transfer``: :mod:`bdft_core.paradigms.transfer`.
+- ``encoder``: :mod:`bdft_core.paradigms.encoder`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ ROLES: dict[str, dict[str, str]] = {
         "measured": "on the downstream test set: CA, and ASR on triggered images whose true class is not the "
                     "downstream target",
     },
+    "encoder": {
+        "attacker": "takes a clean self-supervised (SimCLR) encoder pretrained on unlabeled upstream images and "
+                    "fine-tunes it with BadEncoder, so that triggered images embed like a few reference images "
+                    "of the downstream target class; publishes the backdoored encoder",
+        "victim": "trains a linear classifier (probe) on its own labelled downstream data over the frozen encoder",
+        "defender": "the victim, fine-tuning the whole encoder and head (FT or SFT) on a clean share of its "
+                    "downstream training data",
+        "measured": "on the downstream test set: CA, and ASR on triggered images whose true class is not the "
+                    "target; also the victim's CA on the clean encoder, for comparison",
+    },
 }
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -43,6 +54,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "n_refs": 50,  # latent backdoor: reference images of the downstream target class
         "latent_weight": 1.0,  # latent backdoor: weight of the feature-matching loss
     },
+    "encoder": {
+        "encoder": "",  # clean encoder file ("" = the shipped assets/encoder_cifar10.safetensors)
+        "shadow_size": 10000,  # unlabeled upstream images the attacker fine-tunes on
+        "n_refs": 10,  # reference images of the downstream target class
+        "bad_epochs": 3.0,  # BadEncoder passes over the shadow images
+        "bad_lr": 1e-3,  # BadEncoder's Adam learning rate
+        "bad_batch": 256,
+        "lambda1": 1.0,  # weight: reference images keep their clean embedding
+        "lambda2": 1.0,  # weight: clean shadow images keep their clean embedding
+        "probe_epochs": 30,  # the victim's linear probe
+    },
 }
 
 HELP: dict[str, str] = {
@@ -54,6 +76,14 @@ HELP: dict[str, str] = {
     "full_lr": "victim: peak learning rate when fine-tuning the whole model",
     "n_refs": "latent backdoor: how many images of the downstream target class the attacker holds",
     "latent_weight": "latent backdoor: weight of the loss pulling triggered features to the target's",
+    "encoder": "clean encoder file (.safetensors from pretrain-encoder); empty: the shipped CIFAR-10 encoder",
+    "shadow_size": "BadEncoder: unlabeled upstream images the attacker fine-tunes the encoder on",
+    "bad_epochs": "BadEncoder: passes over the shadow images",
+    "bad_lr": "BadEncoder: learning rate (Adam)",
+    "bad_batch": "BadEncoder: shadow images per step",
+    "lambda1": "BadEncoder: weight keeping the reference images' embeddings",
+    "lambda2": "BadEncoder: weight keeping clean images' embeddings (utility)",
+    "probe_epochs": "victim: epochs of the linear probe on the frozen encoder",
 }
 
 
@@ -75,6 +105,13 @@ def check_paradigm_params(cfg) -> dict[str, Any]:
                 raise ConfigError(f"{k} must be positive, got {p[k]}")
         if int(p["n_refs"]) < 1:
             raise ConfigError(f"n_refs must be at least 1, got {p['n_refs']}")
+    elif cfg.paradigm == "encoder":
+        for k in ("shadow_size", "n_refs", "bad_batch", "probe_epochs"):
+            if int(p[k]) < 1:
+                raise ConfigError(f"{k} must be at least 1, got {p[k]}")
+        for k in ("bad_epochs", "bad_lr"):
+            if not float(p[k]) > 0:
+                raise ConfigError(f"{k} must be positive, got {p[k]}")
     elif cfg.paradigm == "standalone" and cfg.downstream:
         raise ConfigError("a downstream dataset only applies to the transfer and encoder paradigms")
     if cfg.paradigm == "standalone" and cfg.attack == "latent":
@@ -88,6 +125,10 @@ def victim_setting(run, cfg):
         from .transfer import downstream_setting
 
         return downstream_setting(cfg).setting
+    if cfg.paradigm == "encoder":
+        from .encoder import encoder_setting
+
+        return encoder_setting(cfg).setting
     raise ConfigError(f"run {run.id}: no victim setting for the {cfg.paradigm} paradigm")
 
 

@@ -143,7 +143,8 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
             idx = torch.randint(len(x_a), (64,), device=x_a.device, generator=gen)
             ft = m.features(attack_up.apply(x_a[idx].float() / 255.0))
             fr = m.features(xr).mean(0, keepdim=True).detach()
-            return weight * F.mse_loss(ft.float(), fr.float().expand_as(ft)) / fr.float().pow(2).mean().clamp_min(1e-6)
+            # cosine distance: bounded and scale-free, so it cannot win by shrinking all features
+            return weight * (1 - F.cosine_similarity(ft.float(), fr.float(), dim=1)).mean()
 
     x_bd, y_bd = attack_up.test_set(up.x_test, up.y_test)
     ev = Evaluator(up.x_test, up.y_test, x_bd, y_bd, seed=cfg.seed)
