@@ -207,6 +207,8 @@ class Trainer:
                     loss_sum.zero_()
                     loss_n = 0
                 if epoch_end:
+                    if step == total:  # the final, full evaluation also gives this last live point
+                        self._evaluate(live=False)
                     self._fire("on_epoch_end", progress("epoch", step, self._evaluate(live=True)))
                     loss_sum.zero_()
                     loss_n = 0

@@ -64,3 +64,27 @@ def test_accuracy_is_exact_on_a_hand_built_model():
 
     x = torch.tensor([0, 200, 255, 10], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
     assert accuracy(Threshold(), x, torch.tensor([0, 1, 1, 1]), channels_last=False) == 0.75
+
+
+def test_evaluator_remembers_a_model_state_and_derives_live_figures_from_a_full_pass():
+    d, m = _setup()
+    x_bd, y_bd = d.x_test[:50], torch.zeros(50, dtype=torch.long)
+    ev = Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=40)
+    fresh = Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=40)
+    full = ev(m)
+    n_full = ev.evaluated_images
+    assert n_full == len(d.y_test) + 50
+    live = ev(m, live=True)  # the live subsets are part of the full pass: nothing runs again
+    assert ev.evaluated_images == n_full
+    assert live == fresh(m, live=True)  # and equal to evaluating the live subsets directly
+    assert full == fresh(m)
+    import copy
+
+    twin = copy.deepcopy(m)  # same weights: a defense's starting point reuses the figures
+    assert ev(twin, live=True) == live and ev.evaluated_images == n_full
+    with torch.no_grad():
+        twin.classifier.bias.add_(1.0)  # changed weights: evaluated again
+    ev(twin, live=True)
+    assert ev.evaluated_images == n_full + 40 + 40
+    ev(m, live=True, amp_dtype=torch.bfloat16)  # other settings: evaluated again
+    assert ev.evaluated_images == n_full + 4 * 40
