@@ -77,8 +77,8 @@ def _add_attack_args(p):
     p.add_argument("--n-train", type=int, default=None, help="train on a seeded slice of this many images")
     p.add_argument("--n-test", type=int, default=None, help="evaluate on a seeded slice of this many images")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--paradigm", default="standalone", help="standalone or transfer (see README)")
-    p.add_argument("--downstream", default=None, help="transfer: the victim's dataset (default: the same, split)")
+    p.add_argument("--paradigm", default="standalone", help="standalone, transfer or encoder (see README)")
+    p.add_argument("--downstream", default=None, help="transfer and encoder: the victim's dataset (transfer default: the same, split; encoder: gtsrb)")
     p.add_argument("--pparam", action="append", metavar="KEY=VALUE",
                    help="paradigm setting, repeatable (e.g. victim=full, n_refs=20)")
 

@@ -90,3 +90,22 @@ def test_unreadable_run_record(tmp_path):
     (store.path(run.id) / "model.safetensors").write_bytes(b"garbage")
     r = cli("--runs-dir", str(tmp_path), "defend", "--run", run.id)
     assert r.returncode == 2 and "not a valid safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_transfer_demo_json(tmp_path):
+    r = cli("--runs-dir", str(tmp_path), "demo", "--dataset", "digits", "--paradigm", "transfer", "--epochs", "3",
+            "--pparam", "head_epochs=1", "--pparam", "full_epochs=1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = last_json(r.stdout)
+    assert out["paradigm"] == "transfer" and out["downstream"] == "digits"
+    for key in ("attacker", "victim_head", "victim_full", "poisoned"):
+        assert 0 <= out[key]["asr"] <= 1
+    assert set(out["defended"]) == {"ft", "sft"} and out["run_id"] == out["victim_head"]["run_id"]
+
+
+def test_bad_paradigm_arguments():
+    for args, msg in ((["--paradigm", "federated"], "unknown paradigm"),
+                      (["--paradigm", "transfer", "--pparam", "victim=both"], "victim must be"),
+                      (["--downstream", "gtsrb"], "downstream")):
+        r = cli("demo", "--dataset", "digits", *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
