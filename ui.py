@@ -111,7 +111,7 @@ def _sidebar_jobs() -> None:
 
 
 def param_widgets(defaults: dict, help_: dict, prefix: str, choices: dict | None = None,
-                  skip: tuple = ()) -> dict:
+                  skip: tuple = (), labels: dict | None = None) -> dict:
     """One widget per setting, chosen by the default's type; returns the values set."""
     out = {}
     choices = choices or {}
@@ -123,8 +123,9 @@ def param_widgets(defaults: dict, help_: dict, prefix: str, choices: dict | None
             out[name] = st.checkbox(label, value=default, key=key, help=hlp)
         elif name in choices:
             opts = list(choices[name])
+            fmt = (labels or {}).get(name)
             out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=key,
-                                     help=hlp)
+                                     help=hlp, format_func=(lambda v, f=fmt: f.get(v, v)) if fmt else str)
         elif isinstance(default, int):
             out[name] = int(st.number_input(label, value=default, step=1, key=key, help=hlp))
         elif isinstance(default, float):
@@ -187,6 +188,10 @@ def _render_job(j, key: str) -> None:
                 st.caption(f"Whole job: {r['seconds']:.0f} s. Every model is stored: compare or export them "
                            "on the Runs page.")
             st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
+        elif r and j.kind == "pretrain":
+            probes = ", ".join(f"{k} {figures.pct(v['acc'])}" for k, v in r["linear_probe"].items())
+            st.success(f"Encoder written to `{r['encoder']}` in {r['seconds']:.0f} s; linear-probe accuracy: "
+                       f"{probes or 'not measured'}. Pick it under the encoder settings of the encoder paradigm.")
         elif r and j.kind == "attack":
             c1, c2, c3 = st.columns(3)
             c1.metric("Clean accuracy (CA)", figures.pct(r.get("clean_acc")), help=figures.CAPTIONS["ca"])

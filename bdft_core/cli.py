@@ -239,77 +239,28 @@ def _runs(a, store) -> int:
 
 
 def _pretrain_encoder(a) -> int:
-    """SimCLR-pretrain fastnet's encoder on the dataset's train images (labels unused), linear-probe
-    it on each probe dataset (train -> test), write the weights (safetensors, model spec in the
-    metadata) and a JSON record (command, data, seed, time, device, versions, probe accuracies)."""
-    import os
-    import platform
-    import time
-    from pathlib import Path
+    """SimCLR-pretrain an encoder and linear-probe it (:func:`bdft_core.ssl.pretrain_encoder`)."""
+    from .ssl import pretrain_encoder
 
-    import torch
-
-    from .data import load_dataset
-    from .device import describe_device, pick_device, setup_threads
-    from .models import build_model
-    from .runs import versions
-    from .ssl import encoder_spec, linear_probe, pretrain_simclr, save_encoder
-
-    out = Path(a.out)
-    if out.suffix != ".safetensors":
-        raise BdftError(f"--out must end in .safetensors, got {out}")
     try:
         widths = [int(w) for w in a.widths.split(",") if w.strip()]
     except ValueError:
         raise BdftError(f"--widths takes comma-separated integers, got {a.widths!r}") from None
-    setup_threads()
-    dev = pick_device(a.device)
-    t_all = time.perf_counter()
-    data = load_dataset(a.dataset)
-    x = data.x_train
-    if a.n_train:
-        g = torch.Generator().manual_seed(a.seed)
-        x = x[torch.randperm(len(x), generator=g)[:a.n_train]]
-    torch.manual_seed(a.seed)
-    kwargs = {"widths": widths, "pool": "avg"}
-    c, h, w = data.image_shape
-    model = build_model("fastnet", 10, c, **kwargs).to(dev)
-    model.fit_data(data.x_train)
-    print(f"pretraining fastnet {widths} on {len(x)} {data.name} images for {a.epochs} epochs on "
-          f"{describe_device(dev)}", file=sys.stderr, flush=True)
 
     def show(p):
         print(f"  epoch {p.epoch:.2f}  step {p.step}/{p.total_steps}  loss {p.loss:.3f}  lr {p.lr:.3g}  "
               f"{p.images_per_s:.0f} img/s  ETA {p.eta_s:.0f}s", file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    _, hist = pretrain_simclr(model, x.to(dev), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                              temperature=a.temperature, seed=a.seed, callbacks=[("on_epoch_end", show)])
-    pretrain_s = time.perf_counter() - t0
-    probes = {}
-    for name in [n.strip() for n in a.probe_datasets.split(",") if n.strip()]:
-        d = data if name == a.dataset else load_dataset(name)
-        r = linear_probe(model, d.x_train.to(dev), d.y_train.to(dev), d.x_test.to(dev), d.y_test.to(dev),
-                         seed=a.seed, num_classes=d.num_classes)
-        probes[name] = {"acc": r["acc"], "train_acc": r["train_acc"], "seconds": r["seconds"]}
-        print(f"  linear probe on {name}: test accuracy {_fmt(r['acc'])}", file=sys.stderr, flush=True)
-    model.classifier.reset_parameters()  # the shipped file is an encoder: its 10-way head is untrained
-    spec = encoder_spec("fastnet", 10, c, (h, w), **kwargs)
     command = (f"python -m bdft_core pretrain-encoder --dataset {a.dataset} --probe-datasets {a.probe_datasets} "
                f"--epochs {a.epochs:g} --batch-size {a.batch_size} --lr {a.lr:g} --temperature {a.temperature:g} "
                f"--widths {','.join(map(str, widths))} --seed {a.seed} --device {a.device} --out {a.out}"
                + (f" --n-train {a.n_train}" if a.n_train else ""))
-    record = {"command": command,
-              "dataset": data.name, "n_train": len(x), "seed": a.seed, "epochs": a.epochs,
-              "batch_size": a.batch_size, "lr": a.lr, "temperature": a.temperature, "spec": spec,
-              "pretrain_s": round(pretrain_s, 1), "wall_s": round(time.perf_counter() - t_all, 1),
-              "device": describe_device(dev), "host": platform.machine(), "threads": torch.get_num_threads(),
-              "bdft_threads_env": os.environ.get("BDFT_THREADS"), "versions": versions(),
-              "linear_probe": probes, "history": hist, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_encoder(model, out, spec, extra={k: v for k, v in record.items() if k != "history"})
-    record["weights"] = str(out)
-    record["bytes"] = out.stat().st_size
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    _emit(record, a.json, f"encoder written to {out} ({record['bytes'] / 1e6:.1f} MB, {record['wall_s']:.0f}s); "
-                          + ", ".join(f"probe {k} {_fmt(v['acc'])}" for k, v in probes.items()))
+    record = pretrain_encoder(a.dataset, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                              temperature=a.temperature, widths=widths, n_train=a.n_train, seed=a.seed,
+                              device=a.device, probe_datasets=[n.strip() for n in a.probe_datasets.split(",")
+                                                               if n.strip()],
+                              callbacks=[("on_epoch_end", show)], command=command, log=lambda m: print(
+                                  m, file=sys.stderr, flush=True))
+    _emit(record, a.json, f"encoder written to {a.out} ({record['bytes'] / 1e6:.1f} MB, {record['wall_s']:.0f}s); "
+                          + ", ".join(f"probe {k} {_fmt(v['acc'])}" for k, v in record["linear_probe"].items()))
     return 0

@@ -12,6 +12,8 @@ Kinds of job (``submit(kind, **params)``):
 - ``"defend"``: ``parent`` (a poisoned run id), ``defenses`` (names), ``params`` (per defense
   name), ``clean_fraction``: each defense in turn, each a child run.
 - ``"demo"``: ``config``, ``defenses``, ``clean_fraction``: the whole story.
+- ``"pretrain"``: ``dataset``, ``epochs``, ``out`` (and other :func:`bdft_core.ssl.pretrain_encoder`
+  settings): a clean SimCLR encoder for the encoder paradigm.
 
 Jobs live in the server process (a browser refresh finds them again); their results are
 ordinary runs in the :class:`~bdft_core.runs.RunStore`."""
@@ -32,7 +34,7 @@ from .errors import BdftError, ConfigError
 
 log = logging.getLogger("bdft.jobs")
 
-KINDS = ("attack", "defend", "demo")
+KINDS = ("attack", "defend", "demo", "pretrain")
 ACTIVE = ("queued", "running")
 LIVE_EVALS = 20  # live CA/ASR points per training stage in the dashboard
 LIVE_SAMPLES = 500  # test images per live evaluation (final figures use the whole test set)
@@ -102,6 +104,10 @@ class Job:
 def stage_title(stage: str | None) -> str:
     if stage in (None, "attack"):
         return "attack training"
+    if stage == "pretrain":
+        return "SimCLR pretraining"
+    if stage == "probe":
+        return "linear probes"
     if stage == "clean_probe":
         return "victim's probe on the clean encoder"
     if stage in ("victim_head", "victim_full"):
@@ -210,6 +216,12 @@ class JobManager:
             for n in names:
                 build_defense(n, **(per.get(n) or {}))
             check_clean_fraction(params.get("clean_fraction", 0.2))
+        if kind == "pretrain":
+            if not str(params.get("out", "")).endswith(".safetensors"):
+                raise ConfigError("the encoder file must end in .safetensors")
+            if not float(params.get("epochs", 1)) > 0:
+                raise ConfigError("epochs must be positive")
+            return ["pretrain", "probe"]
         if kind == "defend":
             if not params.get("parent"):
                 raise ConfigError("pick a poisoned run to defend")
@@ -291,6 +303,17 @@ class JobManager:
             total = math.ceil(epochs * math.ceil(len(data.y_train) / min(cfg.batch_size, len(data.y_train))))
             return {**over, "eval_every": cfg.eval_every or _eval_every(total)}
 
+        if job.kind == "pretrain":
+            from .ssl import pretrain_encoder
+
+            self._set_stage(job, "pretrain")
+
+            def probe_stage(msg):
+                if "pretraining" not in msg:
+                    self._set_stage(job, "probe")
+
+            rec = pretrain_encoder(callbacks=cbs, stop=stop, log=probe_stage, **p)
+            return {"encoder": rec["weights"], "linear_probe": rec["linear_probe"], "seconds": rec["wall_s"]}
         if job.kind == "attack":
             cfg = AttackConfig.from_dict(p["config"])
             self._set_stage(job, "attack")

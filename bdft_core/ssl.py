@@ -589,3 +589,87 @@ def load_encoder(path: str | Path | None = None, device="cpu"):
     model.encoder_spec = spec
     model.encoder_record = json.loads(meta["record"]) if "record" in meta else {}
     return model.to(device).eval()
+
+
+def pretrain_encoder(dataset: str, out: str | Path, epochs: float = 10.0, batch_size: int = 256, lr: float = 0.5,
+                     temperature: float = 0.2, widths=(32, 64, 128), n_train: int | None = None, seed: int = 0,
+                     device: str = "auto", probe_datasets=("cifar10", "gtsrb"), callbacks=(), stop=None,
+                     command: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """SimCLR-pretrain fastnet's encoder on ``dataset``'s train images (labels unused), linear-probe
+    it on each probe dataset (train -> test), write the weights (safetensors, model spec and record
+    in the metadata) and ``<out>.json`` (command, data, seed, time, device, versions, probe
+    accuracies). Returns the record. Used by the CLI (``pretrain-encoder``) and the dashboard."""
+    import os
+    import platform
+
+    from .data import load_dataset
+    from .device import describe_device, pick_device, setup_threads
+    from .models import build_model
+    from .runs import versions
+
+    say = log or (lambda m: None)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"the encoder file must end in .safetensors, got {out}")
+    setup_threads()
+    dev = pick_device(device)
+    t_all = time.perf_counter()
+    data = load_dataset(dataset)
+    x = data.x_train
+    if n_train:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(len(x), generator=g)[:n_train]]
+    torch.manual_seed(seed)
+    kwargs = {"widths": [int(w) for w in widths], "pool": "avg"}
+    c, h, w = data.image_shape
+    model = build_model("fastnet", 10, c, **kwargs).to(dev)
+    model.fit_data(data.x_train)
+    say(f"pretraining fastnet {kwargs['widths']} on {len(x)} {data.name} images for {epochs} epochs on "
+        f"{describe_device(dev)}")
+    t0 = time.perf_counter()
+    _, hist = pretrain_simclr(model, x.to(dev), epochs=epochs, batch_size=batch_size, lr=lr,
+                              temperature=temperature, seed=seed, callbacks=callbacks, stop=stop)
+    pretrain_s = time.perf_counter() - t0
+    probes = {}
+    for name in probe_datasets:
+        if stop is not None and stop.is_set():
+            break
+        d = data if name == dataset else load_dataset(name)
+        r = linear_probe(model, d.x_train.to(dev), d.y_train.to(dev), d.x_test.to(dev), d.y_test.to(dev),
+                         seed=seed, num_classes=d.num_classes)
+        probes[name] = {"acc": r["acc"], "train_acc": r["train_acc"], "seconds": r["seconds"]}
+        say(f"  linear probe on {name}: test accuracy {100 * r['acc']:.1f}%")
+    model.classifier.reset_parameters()  # the file is an encoder: its 10-way head is untrained
+    spec = encoder_spec("fastnet", 10, c, (h, w), **kwargs)
+    record = {"command": command or f"bdft_core.ssl.pretrain_encoder({dataset!r}, {str(out)!r}, epochs={epochs})",
+              "dataset": data.name, "n_train": len(x), "seed": seed, "epochs": epochs,
+              "batch_size": batch_size, "lr": lr, "temperature": temperature, "spec": spec,
+              "pretrain_s": round(pretrain_s, 1), "wall_s": round(time.perf_counter() - t_all, 1),
+              "device": describe_device(dev), "host": platform.machine(), "threads": torch.get_num_threads(),
+              "bdft_threads_env": os.environ.get("BDFT_THREADS"), "versions": versions(),
+              "linear_probe": probes, "history": hist, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "stopped": bool(stop is not None and stop.is_set())}
+    save_encoder(model, out, spec, extra={k: v for k, v in record.items() if k != "history"})
+    record["weights"] = str(out)
+    record["bytes"] = out.stat().st_size
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+def encoders_dir() -> Path:
+    """Where encoders pretrained from the dashboard are written (under the runs directory)."""
+    from .runs import runs_dir
+
+    return runs_dir() / "encoders"
+
+
+def list_encoders() -> dict[str, str]:
+    """Encoder files a user can pick: "" (the shipped one, when present) and each file in
+    :func:`encoders_dir`, mapped to a short description."""
+    out = {}
+    if default_encoder_path().is_file():
+        out[""] = "shipped CIFAR-10 SimCLR encoder (assets/)"
+    d = encoders_dir()
+    for p in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
+        out[str(p)] = p.stem
+    return out

@@ -10,6 +10,7 @@ from bdft_core.paradigms import DEFAULTS as PDEFAULTS
 from bdft_core.paradigms import HELP as PHELP
 from bdft_core.paradigms import ROLES
 from bdft_core.pipeline import DEFAULT_EPOCHS, PARADIGMS
+from bdft_core.ssl import encoders_dir, list_encoders
 
 st.title("Attack lab")
 st.caption("Plant a backdoor: pick the data, the trigger and how much of the training set to poison, "
@@ -34,8 +35,31 @@ with left:
                                   key=f"atk_downstream_{paradigm}", help="The victim's own labelled data. Transfer: "
                                   "the same dataset uses a disjoint split; another one (same image size) a new label "
                                   "space. Encoder: the probe's dataset")
+        encs = list_encoders()
         with st.expander(f"{paradigm.capitalize()} settings"):
-            pparams = ui.param_widgets(PDEFAULTS[paradigm], PHELP, "atk_pp", {"victim": ("head", "full")})
+            pparams = ui.param_widgets(PDEFAULTS[paradigm], PHELP, "atk_pp",
+                                       {"victim": ("head", "full"), **({"encoder": tuple(encs)} if encs else {})},
+                                       labels={"encoder": encs})
+        if paradigm == "encoder":
+            if pparams.get("encoder") in encs:
+                st.caption(f"Clean encoder: {encs[pparams['encoder']]}")
+            with st.expander("Pretrain a new clean encoder (SimCLR; slow on a CPU, minutes on a GPU)"):
+                pre_ds = st.selectbox("Unlabeled images", names, index=names.index(ds), key="atk_pre_dataset",
+                                      help="The encoder learns from these images' training split, without labels")
+                pre_ep = st.number_input("Epochs", 0.1, 500.0, 10.0, key="atk_pre_epochs",
+                                         help="SimCLR passes over the images; the shipped encoder used 8 (31 min on "
+                                              "a 2-core CPU)")
+                if st.button("Pretrain", key="atk_pretrain", help="Runs in the background; the new encoder then "
+                                                                  "appears in the encoder settings"):
+                    import time as _t
+
+                    out = str(encoders_dir() / f"{pre_ds}-{_t.strftime('%Y%m%d-%H%M%S')}.safetensors")
+                    try:
+                        st.session_state["atk_job"] = ui.jobs().submit(
+                            "pretrain", title=f"Pretrain an encoder on {pre_ds}", dataset=pre_ds,
+                            epochs=float(pre_ep), out=out, probe_datasets=[pre_ds])
+                    except Exception as exc:
+                        ui.show_error(exc)
     offered = [a for a in ATTACKS if paradigm != "standalone" or not getattr(ATTACKS[a], "latent", False)]
     attack = st.selectbox("Attack", offered, key="atk_attack", format_func=lambda a: ATTACKS[a].title,
                           help="How the trigger looks and is applied")
@@ -110,7 +134,7 @@ if st.button("Train", key="atk_train", type="primary", disabled=atk is None,
 
 job = st.session_state.get("atk_job")
 if job is None:
-    latest = ui.jobs().latest("attack")
+    latest = ui.jobs().latest(("attack", "pretrain"))
     job = latest.id if latest else None
 ui.job_panel(job, key="atk")
 

@@ -241,3 +241,43 @@ def test_runs_page_compare_export_delete(app):
     app.button(key="runs_delete").click().run()
     assert not app.exception
     assert "No runs stored yet" in app.info[0].value
+
+
+def test_attack_lab_transfer_paradigm_runs_attacker_and_victims(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_dataset").set_value("digits").run()
+    assert "latent" not in app.selectbox(key="atk_attack").options  # only offered where it means something
+    app.selectbox(key="atk_paradigm").set_value("transfer").run()
+    assert any("**victim**" in m.value for m in app.markdown)  # who does what, in words
+    assert "Latent backdoor (feature space, transfer)" in app.selectbox(key="atk_attack").options
+    app.selectbox(key="atk_pp_victim").set_value("full")
+    app.number_input(key="atk_pp_head_epochs").set_value(1.0)
+    app.number_input(key="atk_pp_full_epochs").set_value(1.0)
+    app.number_input(key="atk_epochs").set_value(3.0)
+    app.button(key="atk_train").click().run()
+    assert not app.error, [e.value for e in app.error]
+    seen = _wait(app)
+    assert "finished" in seen[-1]
+    from bdft_core.runs import RunStore
+
+    kinds = sorted(r["kind"] for r in RunStore().list())
+    assert kinds == ["attack", "victim", "victim"]
+    _page(app, "defense_lab")  # the victims are offered to the defenses
+    assert any("victim (full)" in o for o in app.selectbox(key="def_run").options)
+
+
+def test_attack_lab_encoder_paradigm_offers_encoders_and_pretraining(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_paradigm").set_value("encoder").run()
+    assert not app.exception
+    enc = app.selectbox(key="atk_pp_encoder")
+    assert enc.value == "" and "shipped" in enc.options[0]
+    app.number_input(key="atk_pre_epochs").set_value(0.2)
+    app.selectbox(key="atk_pre_dataset").set_value("digits")
+    app.button(key="atk_pretrain").click().run()
+    assert not app.error, [e.value for e in app.error]
+    seen = _wait(app)
+    assert "finished" in seen[-1]
+    assert any("Encoder written to" in s.value for s in app.success)
+    app.run()
+    assert len(app.selectbox(key="atk_pp_encoder").options) == 2  # the new encoder can be picked

@@ -56,11 +56,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "encoder": {
         "encoder": "",  # clean encoder file ("" = the shipped assets/encoder_cifar10.safetensors)
-        "shadow_size": 10000,  # unlabeled upstream images the attacker fine-tunes on
+        "shadow_size": 5000,  # unlabeled upstream images the attacker fine-tunes on
         "n_refs": 10,  # reference images of the downstream target class
         "bad_epochs": 3.0,  # BadEncoder passes over the shadow images
         "bad_lr": 1e-3,  # BadEncoder's Adam learning rate
-        "bad_batch": 256,
+        "bad_batch": 128,
         "lambda1": 1.0,  # weight: reference images keep their clean embedding
         "lambda2": 1.0,  # weight: clean shadow images keep their clean embedding
         "probe_epochs": 30,  # the victim's linear probe
