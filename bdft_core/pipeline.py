@@ -248,7 +248,7 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     using the defender's clean data; store the result as a child run. Returns ``(run, model)``."""
     t0 = time.perf_counter()
     check_clean_fraction(clean_fraction)
-    d = build_defense(defense, **(params or {}))
+    build_defense(defense, **(params or {}))  # a bad name or setting fails before any loading
     if isinstance(parent, str):
         if store is None:
             raise ConfigError("a run id needs a run store to load it from")
@@ -262,12 +262,13 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
         raise ConfigError(f"run {parent_run.id} is a {parent_run.kind} run; defenses start from a poisoned model "
                           "(an attack run, or a victim's model in the transfer and encoder paradigms)")
     cfg = attack_config_of(parent_run)
+    from .paradigms import defense_defaults
+
+    d = build_defense(defense, **{**defense_defaults(cfg.paradigm, defense), **(params or {})})
     if device:
         cfg.device = device
     s = setting or setting_for(parent_run, cfg)
     model = copy.deepcopy(model).to(s.device)
-    for p_ in model.parameters():
-        p_.requires_grad_(True)  # a victim may have frozen its encoder; the defense may train all of it
     idx = s.defender_indices(clean_fraction).to(s.device)
     x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images
     res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,

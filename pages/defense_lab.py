@@ -4,6 +4,7 @@ import streamlit as st
 import ui
 from bdft_core import figures
 from bdft_core.defenses import DEFENSES, build_defense
+from bdft_core.paradigms import DEFENSE_DEFAULTS, defense_defaults
 from bdft_core.pipeline import DEFAULT_CLEAN_FRACTION, defender_size
 
 st.title("Defense lab")
@@ -27,11 +28,14 @@ budget = st.slider("Clean-data budget (% of the training set)", 0.5, 100.0, 100 
                    key="def_budget", help="How much clean, correctly labelled data the defender has")
 
 params, schedules = {}, {}
+paradigm = ui.store().get(parent).config.get("paradigm", "standalone")
 for name in chosen:
     cls = DEFENSES[name]
     with st.expander(f"{cls.title} settings"):
         st.caption(f"{cls.paper}. Needs: {cls.needs}.")
-        params[name] = ui.param_widgets(cls.defaults, cls.help, f"def_p_{name}")
+        if DEFENSE_DEFAULTS.get(paradigm, {}).get(name):
+            st.caption(f"Defaults adjusted for the {paradigm} paradigm (see the README).")
+        params[name] = ui.param_widgets(defense_defaults(paradigm, name), cls.help, f"def_p_{paradigm}_{name}")
 try:
     run = ui.store().get(parent)
     n_clean = defender_size(run, budget / 100.0)

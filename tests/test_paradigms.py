@@ -155,3 +155,17 @@ def test_missing_encoder_file_is_a_clear_error(tmp_path):
                        paradigm_params={"encoder": str(tmp_path / "nope.safetensors")})
     with pytest.raises(CheckpointError, match="not found"):
         run_demo(cfg)
+
+
+def test_defenses_keep_frozen_layers_frozen_and_use_paradigm_defaults(tmp_path):
+    """A defense trains what the published model trains (fastnet's whitening stays fixed), and the
+    encoder paradigm's defenses start from its own (smaller) learning rates."""
+    from bdft_core.paradigms import defense_defaults
+    from bdft_core.pipeline import run_attack
+
+    run, model = run_attack(AttackConfig(dataset="digits", epochs=1.0))
+    w0 = model.whiten.weight.detach().clone()
+    _, cleaned = run_defense(run, "sft", model=model, params={"epochs": 1.0})
+    assert torch.equal(cleaned.whiten.weight, w0)
+    enc = defense_defaults("encoder", "sft")
+    assert enc["max_lr1"] < defense_defaults("standalone", "sft")["max_lr1"] and enc["phase1"] == 0.4

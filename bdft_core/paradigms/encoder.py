@@ -30,9 +30,13 @@ from ..metrics import Evaluator
 from ..runs import Run, new_run_id
 
 
-# BadEncoder's paper uses a 10x10 white patch on 32x32 images; a 3x3 one (BadNets' default) is too
-# small for the encoder to map onto the references reliably (ASR 0.62 with 6x6 in our trials)
-TRIGGER_DEFAULTS = {"badnets": {"size": 10}}
+# BadEncoder's paper uses a 10x10 white patch on 32x32 images (scaled for other sizes); a 3x3 one
+# (BadNets' default) is too small for the encoder to map onto the references reliably (ASR 0.62 with
+# 6x6 in our trials)
+def trigger_defaults(attack: str, image_shape) -> dict:
+    if str(attack).lower() == "badnets":
+        return {"size": max(3, round(10 / 32 * min(image_shape[1:])))}
+    return {}
 
 
 @dataclass
@@ -69,7 +73,7 @@ def encoder_setting(cfg) -> EncoderSetting:
     keep = torch.ones(len(order), dtype=torch.bool, device=device)
     keep[refs_idx] = False
     victim_idx = order[keep[order]]
-    params = {**TRIGGER_DEFAULTS.get(str(cfg.attack).lower(), {}), **cfg.params}
+    params = {**trigger_defaults(cfg.attack, down.image_shape), **cfg.params}
     attack = build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target, mode=cfg.mode,
                           seed=cfg.seed, **params)
     x_bd, y_bd = attack.test_set(down.x_test, down.y_test)

@@ -179,8 +179,9 @@ def transfer_victim(cfg, ds: Downstream, attacker: Run, model, how: str, callbac
     s, p = ds.setting, ds.params
     vm = _new_head(model, s.data.num_classes, cfg.seed)
     head_only = how == "head"
+    trainable = {n: prm.requires_grad for n, prm in vm.named_parameters()}
     for prm in vm.parameters():
-        prm.requires_grad_(not head_only)
+        prm.requires_grad_(prm.requires_grad and not head_only)
     for prm in vm.classifier.parameters():
         prm.requires_grad_(True)
     x, y = s.data.x_train[ds.victim_idx], s.data.y_train[ds.victim_idx]
@@ -194,6 +195,8 @@ def transfer_victim(cfg, ds: Downstream, attacker: Run, model, how: str, callbac
     for event, fn in callbacks:
         tr.add_callback(event, fn)
     res = tr.run()
+    for n, prm in vm.named_parameters():  # as published: a defense may train what the victim froze
+        prm.requires_grad_(trainable[n])
     spec = {**attacker.model, "num_classes": s.data.num_classes}
     run = Run(id=new_run_id("victim"), kind="victim", created=time.time(), dataset=s.data.name, model=spec,
               attack=attacker.attack, parent=attacker.id,
