@@ -182,6 +182,10 @@ def _render_job(j, key: str) -> None:
             rows = [{"name": "poisoned", **r["poisoned"]}] + [{"name": n, **d} for n, d in r["defended"].items()]
             st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
             st.caption(figures.CAPTIONS["before_after"])
+            stages = figures.paradigm_rows(r)
+            if stages:
+                st.caption("How the backdoor travelled (each model on its own test set):")
+                st.dataframe(stages, hide_index=True)
             st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
             st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
             if r.get("seconds"):

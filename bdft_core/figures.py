@@ -174,6 +174,24 @@ def trigger_on_grey(attack, shape, scale: int = 4) -> np.ndarray:
     return to_display(attack.render(grey)["poisoned"][0], scale)
 
 
+def paradigm_rows(result: dict) -> list[dict]:
+    """For transfer and encoder results: the models before the defenses, with percentages."""
+    rows = []
+    if result.get("paradigm") == "transfer":
+        for key, what in (("attacker", f"attacker's model on {result.get('dataset')} (upstream)"),
+                          ("victim_head", f"victim on {result.get('downstream')}: new head only"),
+                          ("victim_full", f"victim on {result.get('downstream')}: whole model trained")):
+            if key in result:
+                rows.append({"model": what, "CA": pct(result[key].get("clean_acc")), "ASR": pct(result[key].get("asr"))})
+    elif result.get("paradigm") == "encoder" and "clean_encoder" in result:
+        ce = result["clean_encoder"]
+        rows.append({"model": f"victim's probe on the clean encoder ({result.get('downstream')})",
+                     "CA": pct(ce.get("clean_acc")), "ASR": pct(ce.get("asr"))})
+        rows.append({"model": "victim's probe on the BadEncoder encoder", "CA": pct(result["poisoned"].get("clean_acc")),
+                     "ASR": pct(result["poisoned"].get("asr"))})
+    return rows
+
+
 def _delta(a, b) -> str:
     if a is None or b is None:
         return "–"
@@ -247,5 +265,5 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
 
 __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
            "trigger_on_grey",
-           "curves_figure", "label_of", "pct", "residual_display", "run_series", "schedule_figure",
+           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "run_series", "schedule_figure",
            "summary_rows", "to_display", "trigger_preview"]

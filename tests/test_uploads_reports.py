@@ -152,3 +152,17 @@ def test_trigger_file_is_kept_with_the_runs(tmp_path, monkeypatch):
     assert kept != str(src) and kept.startswith(str(runs_dir() / "triggers"))
     src.unlink()  # the original may disappear; the run still has its trigger
     assert prepare(AttackConfig(dataset="digits", params={"pattern": kept})).attack.config() == s.attack.config()
+
+
+def test_plain_words_reading_and_paradigm_rows():
+    text = figures.conclusion({"clean_acc": 0.8, "asr": 0.97}, {"ft": {"clean_acc": 0.79, "asr": 0.9},
+                                                                "sft": {"clean_acc": 0.78, "asr": 0.04}})
+    assert "obeys the trigger on 97%" in text
+    assert "Super-fine-tuning (SFT) removed the backdoor: ASR 97% → 4.0% (clean accuracy -2.0 points)" in text
+    assert "Fine-tuning (FT) left the backdoor in place (90.0% ASR)" in text
+    assert "weak here" in figures.conclusion({"clean_acc": 0.3, "asr": 0.01}, {})
+    rows = figures.paradigm_rows({"paradigm": "transfer", "dataset": "cifar10", "downstream": "gtsrb",
+                                  "attacker": {"clean_acc": 0.7, "asr": 0.9}, "victim_head": {"clean_acc": 0.5,
+                                                                                              "asr": 0.02}})
+    assert [r["ASR"] for r in rows] == ["90.0%", "2.0%"] and "gtsrb" in rows[1]["model"]
+    assert figures.paradigm_rows({"paradigm": "standalone"}) == []
