@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
 
 ROLES: dict[str, dict[str, str]] = {
@@ -135,6 +137,35 @@ def check_paradigm_params(cfg) -> dict[str, Any]:
     if cfg.paradigm == "standalone" and cfg.attack == "latent":
         raise ConfigError("the latent backdoor targets a downstream task: use it with the transfer paradigm")
     return p
+
+
+def load_up_and_down(cfg, downstream: str, what: str):
+    """``(device, upstream data, downstream data)`` on the training device; same image shape or a
+    clear error. ``downstream`` equal to the upstream name gives the same object."""
+    from ..data import canonical_name
+    from ..device import pick_device, setup_threads
+    from ..pipeline import get_dataset
+
+    setup_threads()
+    device = pick_device(cfg.device)
+    up = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
+    same = canonical_name(downstream) == canonical_name(cfg.dataset)
+    down = up if same else get_dataset(downstream, device, cfg.n_train, cfg.n_test, cfg.seed)
+    if down.image_shape != up.image_shape:
+        raise ConfigError(f"upstream images are {up.image_shape} and downstream images {down.image_shape}: "
+                          f"{what} needs the same image size and channels")
+    return device, up, down
+
+
+def references_from_the_back(down, order, target: int, n_refs: int):
+    """The attacker's ``n_refs`` reference images of class ``target``, from the back of the seeded
+    permutation ``order`` of the downstream training set, and the victim's indices (all others, in
+    order, so the defender's clean data, the front, never includes a reference)."""
+    back = order.flip(0)
+    refs_idx = back[down.y_train[back] == target][:n_refs]
+    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    keep[refs_idx] = False
+    return refs_idx, order[keep[order]]
 
 
 def victim_setting(run, cfg):

@@ -24,7 +24,7 @@ import torch
 
 from ..attacks import build_attack
 from ..data import Splits
-from ..device import describe_device, pick_device, setup_threads
+from ..device import describe_device
 from ..errors import ConfigError
 from ..metrics import Evaluator
 from ..runs import Run, new_run_id
@@ -49,30 +49,19 @@ class EncoderSetting:
 
 
 def encoder_setting(cfg) -> EncoderSetting:
-    from ..pipeline import Setting, get_dataset
-    from . import check_paradigm_params
+    from ..pipeline import Setting
+    from . import check_paradigm_params, load_up_and_down, references_from_the_back
 
     p = check_paradigm_params(cfg)
-    setup_threads()
-    device = pick_device(cfg.device)
-    up = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
-    down = get_dataset(cfg.downstream or "gtsrb", device, cfg.n_train, cfg.n_test, cfg.seed)
-    if down.image_shape != up.image_shape:
-        raise ConfigError(f"upstream images are {up.image_shape} and downstream images {down.image_shape}: "
-                          "the encoder needs the same image size and channels")
+    device, up, down = load_up_and_down(cfg, cfg.downstream or "gtsrb", "the encoder")
     if cfg.mode != "all_to_one":
         raise ConfigError("BadEncoder aims at one downstream target class: use mode all_to_one")
     g = torch.Generator().manual_seed(cfg.seed + 11)
     shadow = up.x_train[torch.randperm(len(up.y_train), generator=g)[: int(p["shadow_size"])].to(device)]
     splits = Splits(len(down.y_train), cfg.seed)
-    order = splits.order().to(device)
-    back = order.flip(0)
-    refs_idx = back[down.y_train[back] == cfg.target][: int(p["n_refs"])]
+    refs_idx, victim_idx = references_from_the_back(down, splits.order().to(device), cfg.target, int(p["n_refs"]))
     if len(refs_idx) == 0:
         raise ConfigError(f"the downstream dataset has no training images of target class {cfg.target}")
-    keep = torch.ones(len(order), dtype=torch.bool, device=device)
-    keep[refs_idx] = False
-    victim_idx = order[keep[order]]
     params = {**trigger_defaults(cfg.attack, down.image_shape), **cfg.params}
     attack = build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target, mode=cfg.mode,
                           seed=cfg.seed, **params)

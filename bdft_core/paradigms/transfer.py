@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import build_attack
-from ..data import Splits, canonical_name
-from ..device import describe_device, pick_device, setup_threads
+from ..data import Splits
+from ..device import describe_device
 from ..errors import ConfigError
 from ..metrics import Evaluator
 from ..models import build_model
@@ -49,19 +49,12 @@ class Downstream:
 
 
 def downstream_setting(cfg) -> Downstream:
-    from ..pipeline import Setting, get_dataset
-    from . import check_paradigm_params
+    from ..pipeline import Setting
+    from . import check_paradigm_params, load_up_and_down, references_from_the_back
 
     p = check_paradigm_params(cfg)
-    setup_threads()
-    device = pick_device(cfg.device)
-    up = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
-    down_name = cfg.downstream or cfg.dataset
-    same = canonical_name(down_name) == canonical_name(cfg.dataset)
-    down = up if same else get_dataset(down_name, device, cfg.n_train, cfg.n_test, cfg.seed)
-    if down.image_shape != up.image_shape:
-        raise ConfigError(f"upstream images are {up.image_shape} and downstream images {down.image_shape}: "
-                          "transfer needs the same image size and channels")
+    device, up, down = load_up_and_down(cfg, cfg.downstream or cfg.dataset, "transfer")
+    same = down is up
     latent = getattr(build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target,
                                   mode=cfg.mode, seed=cfg.seed, **cfg.params), "latent", False)
     if cfg.mode != "all_to_one" and latent:
@@ -74,12 +67,7 @@ def downstream_setting(cfg) -> Downstream:
         tgt = attacker_idx[up.y_train[attacker_idx] == cfg.target]
         refs_idx = tgt[: int(p["n_refs"])] if latent else tgt[:0]
     else:
-        back = order.flip(0)
-        tgt = back[down.y_train[back] == cfg.target]
-        refs_idx = tgt[: int(p["n_refs"])] if latent else tgt[:0]
-        keep = torch.ones(len(order), dtype=torch.bool, device=device)
-        keep[refs_idx] = False
-        victim_idx = order[keep[order]]
+        refs_idx, victim_idx = references_from_the_back(down, order, cfg.target, int(p["n_refs"]) if latent else 0)
         attacker_idx = torch.arange(len(up.y_train), device=device)
         if latent and len(refs_idx) == 0:
             raise ConfigError(f"the downstream dataset has no training images of target class {cfg.target}")
