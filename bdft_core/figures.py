@@ -215,8 +215,8 @@ def compare_figure(runs: Iterable, height: int = 360):
     for run in runs:
         pts = run_series(run)
         label = f"{run.name} · {run.id[-6:]}"
-        color = color_of("attack" if run.kind == "attack" else run.name)
-        dash = None
+        color = color_of("attack" if run.kind in ("attack", "victim") else run.name)
+        dash = "dot" if run.kind == "victim" else None  # a victim's model: the attack's colour, dotted
         for col, key in ((1, "asr"), (2, "clean_acc")):
             fig.add_trace(go.Scatter(x=[p["epoch"] for p in pts],
                                      y=[None if p[key] is None else 100 * p[key] for p in pts],
