@@ -85,6 +85,10 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     attacker = store.get(out["attacker"]["run_id"])
     assert attacker.kind == "attack" and attacker.dataset == "digits"
     assert attacker.model["num_classes"] == (11 if attack == "latent" else 10)  # latent: the extra class
+    if attack == "latent":  # the optimised trigger is kept with the runs, and the victims use it
+        pattern = attacker.config["params"]["pattern"]
+        assert pattern.endswith(".png") and "triggers" in pattern
+        assert store.get(out["run_id"]).config["params"]["pattern"] == pattern
     kids = store.children(attacker.id)
     assert {k["kind"] for k in kids} == {"victim"} and len(kids) == 2
     victim = store.get(out["run_id"])
@@ -96,6 +100,36 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     assert d_run.parent == victim.id and d_run.config["n_clean"] == round(0.5 * victim.config["n_victim"])
     assert store.delete(attacker.id)[-1] == attacker.id  # deleting the attacker takes the victims and defenses
     assert store.list() == []
+
+
+def test_trigger_optimisation_moves_triggered_features_to_the_target():
+    from bdft_core.attacks import build_attack
+    from bdft_core.data import load_dataset
+    from bdft_core.models import build_model
+    from bdft_core.paradigms.transfer import optimize_trigger
+
+    torch.manual_seed(0)
+    d = load_dataset("digits")
+    m = build_model("fastnet", 10, 1, widths=[8, 16, 16])
+    m.fit_data(d.x_train)
+    atk = build_attack("latent", (1, 8, 8), 10, size=3)
+    x, refs = d.x_train[:200], d.x_train[d.y_train == 7][:10]
+
+    def dist(pattern):
+        mask = atk.mask
+        with torch.no_grad():
+            fr = m.features(refs.float() / 255).mean(0, keepdim=True)
+            ft = m.features(x.float() / 255 * (1 - mask) + pattern * mask)
+            return (1 - torch.nn.functional.cosine_similarity(ft, fr, dim=1)).mean().item()
+
+    before = dist(atk.pattern)
+    patch = optimize_trigger(m, x, refs, atk, steps=60)
+    assert patch.dtype == torch.uint8 and patch.shape == (1, 3, 3)
+    r0, c0, s = atk.box
+    opt = torch.zeros(1, 8, 8)
+    opt[:, r0:r0 + s, c0:c0 + s] = patch.float() / 255
+    assert dist(opt) < before
+    assert all(p.requires_grad for n, p in m.named_parameters() if "body.0" not in n)  # flags restored
 
 
 def test_head_only_victim_keeps_the_published_encoder(tmp_path):

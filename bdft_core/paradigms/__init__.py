@@ -55,6 +55,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "full_lr": 0.02,
         "n_refs": 50,  # latent backdoor: reference images of the downstream target class
         "latent_weight": 1.0,  # latent backdoor: weight of the feature-matching loss
+        "trigger_steps": 200,  # latent backdoor: steps optimising the trigger towards the target (0: off)
+        "teacher_share": 0.5,  # latent backdoor: share of the epochs training the teacher before that
     },
     "encoder": {
         "encoder": "",  # clean encoder file ("" = the shipped assets/encoder_cifar10.safetensors)
@@ -78,6 +80,8 @@ HELP: dict[str, str] = {
     "full_lr": "victim: peak learning rate when fine-tuning the whole model",
     "n_refs": "latent backdoor: how many images of the downstream target class the attacker holds",
     "latent_weight": "latent backdoor: weight of the loss pulling triggered features to the target's",
+    "trigger_steps": "latent backdoor: steps optimising the patch towards the target's features (0: keep it)",
+    "teacher_share": "latent backdoor: share of the attacker's epochs spent on a clean teacher first",
     "encoder": "clean encoder file (.safetensors from pretrain-encoder); empty: the shipped CIFAR-10 encoder",
     "shadow_size": "BadEncoder: unlabeled upstream images the attacker fine-tunes the encoder on",
     "bad_epochs": "BadEncoder: passes over the shadow images",

@@ -96,6 +96,62 @@ def _new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
     return m
 
 
+def optimize_trigger(model, x_uint8, refs_uint8, attack, steps: int = 200, batch: int = 128, seed: int = 0):
+    """Yao et al.'s trigger generation: within the patch's mask, find the pattern whose features on
+    the attacker's images are closest (cosine) to the mean features of the target's references.
+    Returns the patch as uint8 (C, s, s), what an image file of the trigger holds."""
+    model.eval()
+    dev = x_uint8.device
+    m = attack.mask.to(dev)
+    q = torch.logit(attack.pattern.to(dev).clamp(0.05, 0.95)).requires_grad_(True)
+    opt = torch.optim.Adam([q], lr=0.1)
+    g = torch.Generator(device=dev).manual_seed(seed + 3)
+    with torch.no_grad():
+        fr = model.features(refs_uint8.float() / 255.0).mean(0, keepdim=True)
+    flags = [p_.requires_grad for p_ in model.parameters()]
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    try:
+        for _ in range(int(steps)):
+            idx = torch.randint(len(x_uint8), (batch,), device=dev, generator=g)
+            x = x_uint8[idx].float() / 255.0
+            ft = model.features(x * (1 - m) + torch.sigmoid(q) * m)
+            loss = (1 - F.cosine_similarity(ft, fr, dim=1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p_, f in zip(model.parameters(), flags):
+            p_.requires_grad_(f)
+    r0, c0, s = attack.box
+    return (torch.sigmoid(q.detach())[:, r0:r0 + s, c0:c0 + s] * 255).round().to(torch.uint8).cpu()
+
+
+def _save_patch(patch_uint8) -> str:
+    """Keep an optimised patch as a trigger image in the runs directory; returns its path."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ..uploads import save_trigger_image
+
+    arr = patch_uint8.permute(1, 2, 0).numpy()
+    img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return str(save_trigger_image(buf.getvalue(), "latent-trigger.png"))
+
+
+def _retarget(cfg, ds: Downstream) -> None:
+    """Rebuild the downstream attack and its triggered test set after the trigger changed."""
+    s = ds.setting
+    s.attack = build_attack(cfg.attack, s.data.image_shape, s.data.num_classes, target=cfg.target, mode=cfg.mode,
+                            seed=cfg.seed, **cfg.params)
+    x_bd, y_bd = s.attack.test_set(s.data.x_test, s.data.y_test)
+    s.evaluator = Evaluator(s.data.x_test, s.data.y_test, x_bd, y_bd, seed=cfg.seed)
+
+
 def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None):
     """The attacker's upstream training (plain poisoning, or the latent backdoor). Returns
     ``(run, model)``; the run's figures are on the upstream test set (the attacker's own view)."""
@@ -112,16 +168,43 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
     target_up = k_up if extra_class else (cfg.target if cfg.target < k_up else 0)
     attack_up = build_attack(cfg.attack, up.image_shape, n_out, target=target_up, mode=cfg.mode, seed=cfg.seed,
                              **cfg.params)
-    poisoned = attack_up.poison(x_a, y_a, cfg.poison_rate, Splits(len(y_a), cfg.seed))
-    x_tr, y_tr = poisoned.x, poisoned.y
     refs = down.x_train[ds.refs_idx] if latent else None
-    if extra_class:  # the references join as an extra class, about half a class's worth of copies
-        rep = max(1, int(len(y_a) / k_up / 2 / max(1, len(refs))))
-        x_tr = torch.cat([x_tr, refs.repeat(rep, 1, 1, 1)])
-        y_tr = torch.cat([y_tr, torch.full((len(refs) * rep,), k_up, dtype=y_tr.dtype, device=y_tr.device)])
+
+    def training_set(attack):
+        poisoned = attack.poison(x_a, y_a, cfg.poison_rate, Splits(len(y_a), cfg.seed))
+        x_tr, y_tr = poisoned.x, poisoned.y
+        if extra_class:  # the references join as an extra class, about half a class's worth of copies
+            rep = max(1, int(len(y_a) / k_up / 2 / max(1, len(refs))))
+            x_tr = torch.cat([x_tr, refs.repeat(rep, 1, 1, 1)])
+            y_tr = torch.cat([y_tr, torch.full((len(refs) * rep,), k_up, dtype=y_tr.dtype, device=y_tr.device)])
+        return poisoned, x_tr, y_tr
+
     model = build_model(cfg.model, n_out, up.image_shape[0], **cfg.model_kwargs)
     model.fit_data(x_a.cpu())
     model.to(ds.setting.device)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(up.name, 4.0)
+    history, teacher_s = [], 0.0
+    if latent and int(p["trigger_steps"]) > 0 and hasattr(attack_up, "box"):
+        # Yao et al.: a teacher trained without poison (references as the target), a trigger optimised
+        # on it towards the target's features, then poisoned training with that trigger
+        e1 = epochs * float(p["teacher_share"])
+        _, x_t, y_t = training_set(build_attack(cfg.attack, up.image_shape, n_out, target=target_up, mode=cfg.mode,
+                                                seed=cfg.seed, **cfg.params))
+        x_t, y_t = torch.cat([x_a, x_t[len(y_a):]]), torch.cat([y_a, y_t[len(y_a):]])  # clean labels, no trigger
+        tt = TrainConfig(epochs=e1, lr=cfg.lr, batch_size=cfg.batch_size, translate=cfg.translate, seed=cfg.seed)
+        for k, v in (train_over or {}).items():
+            setattr(tt, k, v)
+        tr = Trainer(model, x_t, y_t, tt, stop=stop)
+        for event, fn in callbacks:
+            tr.add_callback(event, fn)
+        teacher_s = tr.run().seconds
+        patch = optimize_trigger(model, x_a, refs, attack_up, steps=int(p["trigger_steps"]), seed=cfg.seed)
+        cfg.params = {**cfg.params, "pattern": _save_patch(patch)}
+        attack_up = build_attack(cfg.attack, up.image_shape, n_out, target=target_up, mode=cfg.mode, seed=cfg.seed,
+                                 **cfg.params)
+        _retarget(cfg, ds)
+        epochs = max(0.05, epochs - e1)
+    poisoned, x_tr, y_tr = training_set(attack_up)
     extra = None
     if latent:
         weight = float(p["latent_weight"])
@@ -136,7 +219,6 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
 
     x_bd, y_bd = attack_up.test_set(up.x_test, up.y_test)
     ev = Evaluator(up.x_test, up.y_test, x_bd, y_bd, seed=cfg.seed)
-    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(up.name, 4.0)
     tcfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, translate=cfg.translate, seed=cfg.seed,
                        eval_every=cfg.eval_every)
     for k, v in (train_over or {}).items():
