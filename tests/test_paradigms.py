@@ -77,7 +77,7 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     store = RunStore(tmp_path / "runs")
     other = _other_npz(tmp_path)
     cfg = AttackConfig(dataset="digits", paradigm="transfer", attack=attack, downstream=other, target=1, epochs=3.0,
-                       paradigm_params=QUICK)
+                       paradigm_params={**QUICK, "trigger_steps": 50} if attack == "latent" else QUICK)
     out = run_demo(cfg, clean_fraction=0.3, store=store)
     for k in ("attacker", "victim_head", "victim_full", "poisoned"):
         assert 0 <= out[k]["asr"] <= 1 and 0 <= out[k]["clean_acc"] <= 1
