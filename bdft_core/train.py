@@ -47,6 +47,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 where fast), "bf16", "off"
     channels_last: bool = True
     seed: int = 0
+    sam_rho: float = 0.0  # sharpness-aware minimisation radius (0: plain SGD); FT-SAM uses it
 
     def validate(self) -> "TrainConfig":
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.translate < 0:
             raise ConfigError(f"translate must be >= 0 pixels, got {self.translate}")
+        if not self.sam_rho >= 0:
+            raise ConfigError(f"sam_rho must be >= 0, got {self.sam_rho}")
         return self
 
 
@@ -135,6 +138,27 @@ class Trainer:
             return {"clean_acc": None, "asr": None}
         return self.evaluator(self.model, live=live, amp_dtype=self.amp, channels_last=self.cfg.channels_last)
 
+    def _sam_second_pass(self, model, xb, yb, cfg) -> None:
+        """Foret et al. 2021 (ICLR), "Sharpness-Aware Minimization": perturb the weights by
+        ``rho * g / ||g||``, recompute the gradient there, and restore the weights; the optimiser then
+        steps with that gradient."""
+        params = [p for p in self.params if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params])) + 1e-12
+        eps = []
+        with torch.no_grad():
+            for p in params:
+                e = p.grad * (cfg.sam_rho / norm)
+                p.add_(e)
+                eps.append(e)
+        for p in params:
+            p.grad = None
+        with autocast_ctx(self.device, self.amp):
+            out = model(xb)
+        F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing).backward()
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+
     def run(self) -> TrainResult:
         cfg, model = self.cfg, self.model
         n = len(self.y)
@@ -191,6 +215,8 @@ class Trainer:
                         loss = loss + self.extra_loss(model, step, gen).float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.sam_rho > 0:  # SAM: step to the worst nearby weights, take the gradient there
+                    self._sam_second_pass(model, xb, self.y[idx], cfg)
                 opt.step()
                 step += 1
                 seen += len(idx)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Defense
+from .fine_pruning import FinePruning
 from .ft import FineTuning
+from .fst import FeatureShiftTuning
+from .ft_sam import FineTuningSAM
 from .sft import SuperFineTuning
 
-DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FineTuning, SuperFineTuning)}
+DEFENSES: dict[str, type[Defense]] = {cls.name: cls for cls in (FineTuning, SuperFineTuning, FinePruning, FineTuningSAM,
+                                                          FeatureShiftTuning)}
 
 
 def defense_names() -> list[str]:
@@ -20,4 +24,4 @@ def build_defense(name: str, **params) -> Defense:
     return DEFENSES[key](**params)
 
 
-__all__ = ["DEFENSES", "Defense", "FineTuning", "SuperFineTuning", "build_defense", "defense_names"]
+__all__ = ["DEFENSES", "Defense", "FeatureShiftTuning", "FinePruning", "FineTuning", "FineTuningSAM", "SuperFineTuning", "build_defense", "defense_names"]
