@@ -7,7 +7,7 @@ import threading
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from ..schedules import Schedule
+from ..schedules import Constant, Schedule
 from ..train import TrainConfig, Trainer
 
 
@@ -39,12 +39,17 @@ class Defense:
             raise ConfigError(f"{self.name}: epochs must be a positive number, got {p['epochs']}")
         if "batch_size" in p and int(p["batch_size"]) < 1:
             raise ConfigError(f"{self.name}: batch size must be at least 1")
+        if "lr" in p and not float(p["lr"]) > 0:
+            raise ConfigError(f"{self.name}: learning rate must be positive, got {p['lr']}")
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}
 
     def schedule(self) -> Schedule:
-        """The learning-rate schedule this defense will follow (as data, for plotting)."""
+        """The learning-rate schedule this defense will follow (as data, for plotting): a constant
+        ``lr`` unless the defense says otherwise."""
+        if "lr" in self.params:
+            return Constant(float(self.params["lr"]))
         raise NotImplementedError
 
     def epochs_for(self, n_clean: int) -> float:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..schedules import Constant
 from .base import Defense
 
 
@@ -62,11 +61,6 @@ class FinePruning(Defense):
         super().validate()
         if not 0.0 <= float(self.params["prune_ratio"]) < 1.0:
             raise ConfigError(f"fine_pruning: prune_ratio must be in [0, 1), got {self.params['prune_ratio']}")
-        if not float(self.params["lr"]) > 0:
-            raise ConfigError(f"fine_pruning: learning rate must be positive, got {self.params['lr']}")
-
-    def schedule(self):
-        return Constant(float(self.params["lr"]))
 
     def apply(self, model, x_clean, y_clean, evaluator=None, callbacks=None, stop=None, seed: int = 0, **train_over):
         bn = last_batchnorm(model)

@@ -16,7 +16,6 @@ import math
 import torch
 
 from ..errors import ConfigError
-from ..schedules import Constant
 from ..train import Trainer
 from .base import Defense
 
@@ -34,13 +33,8 @@ class FeatureShiftTuning(Defense):
 
     def validate(self):
         super().validate()
-        if not float(self.params["lr"]) > 0:
-            raise ConfigError(f"fst: learning rate must be positive, got {self.params['lr']}")
         if not float(self.params["alpha"]) >= 0:
             raise ConfigError(f"fst: alpha must be >= 0, got {self.params['alpha']}")
-
-    def schedule(self):
-        return Constant(float(self.params["lr"]))
 
     def apply(self, model, x_clean, y_clean, evaluator=None, callbacks=None, stop=None, seed: int = 0, **train_over):
         head = model.classifier

@@ -8,8 +8,6 @@ Needs: a clean labelled fraction of the training distribution (the clean-data bu
 to the poisoned training set or to the trigger."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-from ..schedules import Constant
 from .base import Defense
 
 
@@ -24,10 +22,3 @@ class FineTuning(Defense):
             "batch_size": "images per step", "last_layer_only": "train only the final linear layer",
             "momentum": "SGD momentum", "weight_decay": "L2 weight decay"}
 
-    def validate(self):
-        super().validate()
-        if not float(self.params["lr"]) > 0:
-            raise ConfigError(f"ft: learning rate must be positive, got {self.params['lr']}")
-
-    def schedule(self):
-        return Constant(float(self.params["lr"]))

@@ -9,7 +9,6 @@ to the poisoned training set or to the trigger. Costs about twice FT per step (t
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..schedules import Constant
 from .base import Defense
 
 
@@ -29,13 +28,8 @@ class FineTuningSAM(Defense):
 
     def validate(self):
         super().validate()
-        if not float(self.params["lr"]) > 0:
-            raise ConfigError(f"ft_sam: learning rate must be positive, got {self.params['lr']}")
         if not float(self.params["rho"]) > 0:
             raise ConfigError(f"ft_sam: rho must be positive, got {self.params['rho']}")
-
-    def schedule(self):
-        return Constant(float(self.params["lr"]))
 
     def train_config(self, seed: int, n_clean: int, **over):
         return super().train_config(seed, n_clean, sam_rho=float(self.params["rho"]), **over)
