@@ -28,7 +28,12 @@ budget = st.slider("Clean-data budget (% of the training set)", 0.5, 100.0, 100 
                    key="def_budget", help="How much clean, correctly labelled data the defender has")
 
 params, schedules = {}, {}
-paradigm = ui.store().get(parent).config.get("paradigm", "standalone")
+try:
+    run = ui.store().get(parent)  # read once per rerun; everything below uses it
+except Exception as exc:
+    ui.show_error(exc)
+    st.stop()
+paradigm = run.config.get("paradigm", "standalone")
 for name in chosen:
     cls = DEFENSES[name]
     with st.expander(f"{cls.title} settings"):
@@ -37,7 +42,6 @@ for name in chosen:
             st.caption(f"Defaults adjusted for the {paradigm} paradigm (see the README).")
         params[name] = ui.param_widgets(defense_defaults(paradigm, name), cls.help, f"def_p_{paradigm}_{name}")
 try:
-    run = ui.store().get(parent)
     n_clean = defender_size(run, budget / 100.0)
     st.caption(f"The defender gets {n_clean} clean training images.")
     for name in chosen:
@@ -66,7 +70,6 @@ ui.job_panel(job, key="def")
 children = ui.store().children(parent)
 if children:
     st.subheader("Defenses already applied to this run")
-    run = ui.store().get(parent)
     defended = {}
     for c in children:
         defended.setdefault(c["name"], {"clean_acc": c["clean_acc"], "asr": c["asr"], "seconds": c["seconds"]})
