@@ -151,6 +151,7 @@ def prepare(cfg: AttackConfig) -> Setting:
     data = get_dataset(cfg.dataset, device, cfg.n_train, cfg.n_test, cfg.seed)
     attack = build_attack(cfg.attack, data.image_shape, data.num_classes, target=cfg.target, mode=cfg.mode,
                           seed=cfg.seed, **cfg.params)
+    attack.fit_to(data)  # data-dependent triggers (a generator, a surrogate model) are built here
     splits = Splits(len(data.y_train), cfg.seed)
     x_bd, y_bd = attack.test_set(data.x_test, data.y_test)
     return Setting(cfg, device, data, attack, splits, Evaluator(data.x_test, data.y_test, x_bd, y_bd, seed=cfg.seed))
@@ -271,19 +272,48 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     model = copy.deepcopy(model).to(s.device)
     idx = s.defender_indices(clean_fraction).to(s.device)
     x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images
+    extra = {}
+    if d.uses_poisoned_data:
+        extra["poisoned"] = poisoned_training(parent_run, cfg, s)
     res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,
-                  **(train_over or {}))
+                  **extra, **(train_over or {}))
     total = time.perf_counter() - t0
     run = Run(id=new_run_id("defense"), kind="defense", created=time.time(), dataset=parent_run.dataset,
               model=parent_run.model, attack=parent_run.attack,
               config={"clean_fraction": clean_fraction, "n_clean": len(idx), "defense": d.config()},
               seed=cfg.seed, device=describe_device(s.device), status="stopped" if res.stopped else "finished",
-              parent=parent_run.id, defense={**d.config(), "title": d.title, "needs": d.needs},
+              parent=parent_run.id, defense={**d.config(), "title": d.title, "needs": d.needs,
+                                             "uses_poisoned_data": d.uses_poisoned_data},
               history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
               timings={"total_s": total, "train_s": res.seconds, "images_per_s": res.images_per_s})
     if store is not None:
         store.save(run, model)
+        store.save_artefacts(run.id, res.artefacts)
     return run, model
+
+
+def poisoned_training(run: Run, cfg: AttackConfig, s: Setting):
+    """The attack run's poisoned training set, rebuilt exactly (same seed, same splits), with its
+    training settings: what a defender who controls training (data cleansers, ABL) works on."""
+    from .defenses.base import PoisonedTraining
+
+    if run.kind != "attack" or cfg.paradigm != "standalone":
+        raise ConfigError("this defense inspects the poisoned training set, so it applies to standalone attack runs "
+                          "only (in the transfer and encoder paradigms the victim never trains on poisoned data)")
+    attack = build_attack(cfg.attack, s.data.image_shape, s.data.num_classes, target=cfg.target, mode=cfg.mode,
+                          seed=cfg.seed, **cfg.params)  # a fresh attack: the same random draws as the run had
+    attack.fit_to(s.data)
+    p = attack.poison(s.data.x_train, s.data.y_train, cfg.poison_rate, s.splits)
+    names = {f.name for f in fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in run.config.get("train", {}).items() if k in names})
+    spec = run.model
+
+    def new_model():
+        m = build_model(spec["name"], spec["num_classes"], spec["channels"], **spec.get("kwargs", {}))
+        m.fit_data(p.x.cpu())
+        return m.to(s.device)
+
+    return PoisonedTraining(p.x, p.y, p.poison_idx, tcfg, new_model)
 
 
 def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_fraction: float = DEFAULT_CLEAN_FRACTION,

@@ -6,6 +6,7 @@ Layout under the runs directory (``$BDFT_RUNS_DIR``, else ``~/.bdft/runs``)::
     index.sqlite            one row per finished run (what listing reads)
     <run_id>/run.json       the full record
     <run_id>/model.safetensors
+    <run_id>/artefacts.safetensors   optional: a defense's tensors (reversed trigger, flagged indices)
 
 Writes are atomic: files are written to temporary names, flushed and renamed into place, and the
 index row is inserted last, in one transaction. A crash before that leaves at most an unlisted
@@ -222,6 +223,28 @@ class RunStore:
         model = build_model(m["name"], m["num_classes"], m["channels"], **m.get("kwargs", {}))
         load_state_checked(model, self.path(run_id) / "model.safetensors", what=f"weights of run {run_id}")
         return run, model.to(device).eval()
+
+    def save_artefacts(self, run_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a defense's tensors (a reversed trigger, flagged indices) next to its weights."""
+        from safetensors.torch import save as st_save
+
+        if not tensors:
+            return
+        clean = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write_bytes(self.path(run_id) / "artefacts.safetensors", st_save(clean))
+
+    def load_artefacts(self, run_id: str) -> dict[str, torch.Tensor]:
+        """A run's artefacts ({} when it has none)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        p = self.path(run_id) / "artefacts.safetensors"
+        if not p.is_file():
+            return {}
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"the artefacts of run {run_id} are unreadable ({exc})") from None
 
     def children(self, run_id: str) -> list[dict]:
         return self.list(parent=run_id)

@@ -98,6 +98,9 @@ class TrainResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     final: dict = field(default_factory=dict)  # clean_acc, asr on the whole test sets
+    # tensors a defense wants kept with its run (a reversed trigger, flagged sample indices);
+    # saved next to the weights as artefacts.safetensors
+    artefacts: dict = field(default_factory=dict)
 
 
 class Trainer:

@@ -72,6 +72,11 @@ class Attack:
         """The trigger: float (N, C, H, W) in [0, 1] -> triggered float images in [0, 1]."""
         raise NotImplementedError
 
+    def fit_to(self, data) -> None:
+        """Data-dependent setup, called once with the whole :class:`~bdft_core.data.ImageData` before
+        any poisoning or test set (a trigger generator trained on the data, a surrogate model for
+        adversarial perturbations). Must be deterministic given the seed; most attacks need none."""
+
     # -- shared ------------------------------------------------------------------------------
     @property
     def channels(self) -> int:

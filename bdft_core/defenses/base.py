@@ -1,20 +1,52 @@
 """What every defense shares. A defense takes a (copy of a) poisoned model and the defender's
-clean data, changes the model in place, and returns a :class:`~bdft_core.train.TrainResult`."""
+clean data, changes the model in place, and returns a :class:`~bdft_core.train.TrainResult`.
+
+Defenses that work on the training data itself (data cleansers, anti-backdoor learning) set
+``uses_poisoned_data = True``; they also receive a :class:`PoisonedTraining` (the poisoned training
+set, the attack run's training settings, and a way to build a fresh model), and may replace the
+model's weights with a retrained model's."""
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
 
 from ..errors import ConfigError
 from ..schedules import Constant, Schedule
 from ..train import TrainConfig, Trainer
 
 
+@dataclass
+class PoisonedTraining:
+    """What a defender who controls training sees: the (poisoned) training set as it was trained on,
+    and how the attack run trained. ``poison_idx`` is the ground truth, used only to score a
+    detector (precision/recall), never to decide anything."""
+
+    x: torch.Tensor  # uint8 (N, C, H, W) training images, poisoned ones included, on the device
+    y: torch.Tensor  # int64 (N,) training labels as given (poisoned labels included)
+    poison_idx: torch.Tensor  # indices that carry the trigger (ground truth, for scoring only)
+    train: TrainConfig  # the attack run's training settings; retraining reuses them
+    new_model: Callable[[], torch.nn.Module]  # a fresh model, fitted to the data, on the device
+
+    def detection_scores(self, flagged: torch.Tensor) -> dict[str, float]:
+        """Precision and recall of ``flagged`` (indices) against the true poison set."""
+        flagged = torch.as_tensor(flagged).reshape(-1).cpu().long()
+        truth = torch.zeros(len(self.y), dtype=torch.bool)
+        truth[self.poison_idx.cpu().long()] = True
+        tp = int(truth[flagged].sum()) if len(flagged) else 0
+        return {"n_flagged": int(len(flagged)), "n_poisoned": int(truth.sum()),
+                "precision": tp / len(flagged) if len(flagged) else 0.0,
+                "recall": tp / int(truth.sum()) if int(truth.sum()) else 0.0}
+
+
 class Defense:
     """Base class. ``needs`` says, for the UI and the docs, what the defender must have."""
 
     name: ClassVar[str] = ""
+    uses_poisoned_data: ClassVar[bool] = False  # True: apply() also gets ``poisoned=PoisonedTraining``
     title: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs: ClassVar[str] = ""
