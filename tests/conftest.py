@@ -22,3 +22,14 @@ def real_dataset(name: str):
         return load_dataset(name)
     except DatasetNotFound as exc:  # pragma: no cover - CI sets BDFT_DATA_DIR
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def cifar_badnets():
+    """The demo's poisoned model (CIFAR-10, BadNets defaults, 2 epochs), trained once per test session
+    and shared by the defense tests: ``(run, model)``. Tests must not change ``model`` (defenses work
+    on a copy)."""
+    real_dataset("cifar10")
+    from bdft_core.pipeline import AttackConfig, run_attack
+
+    return run_attack(AttackConfig(dataset="cifar10", epochs=2.0))

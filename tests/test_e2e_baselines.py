@@ -3,15 +3,12 @@ reports CA, ASR and its wall time, and weakens the backdoor while keeping most c
 drops: Fine-Pruning and FT-SAM about 5 points, FST about 5-6)."""
 import pytest
 
-from bdft_core.pipeline import AttackConfig, run_attack, run_defense
-
-from conftest import real_dataset
+from bdft_core.pipeline import run_defense
 
 
 @pytest.fixture(scope="module")
-def poisoned():
-    real_dataset("cifar10")
-    return run_attack(AttackConfig(dataset="cifar10", epochs=2.0))
+def poisoned(cifar_badnets):
+    return cifar_badnets
 
 
 @pytest.mark.parametrize("name", ["fine_pruning", "ft_sam", "fst"])
