@@ -188,6 +188,10 @@ def _render_job(j, key: str) -> None:
                 st.dataframe(stages, hide_index=True)
             st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
             st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
+            for f in r.get("failed", []):
+                st.error(f"{figures.label_of(f['defense'])} failed: {f['error']} (the other defenses' results are kept)")
+            for sk in r.get("skipped", []):
+                st.warning(f"{figures.label_of(sk['defense'])} skipped: {sk['reason']}")
             if r.get("seconds"):
                 st.caption(f"Whole job: {r['seconds']:.0f} s. Every model is stored: compare or export them "
                            "on the Runs page.")
@@ -205,3 +209,64 @@ def _render_job(j, key: str) -> None:
         if j.status == "stopped":
             st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
                        + (", ".join(j.run_ids) or "none"))
+
+
+def reversed_trigger_panel(run, nc_run) -> None:
+    """Neural Cleanse's reversed trigger for each flagged class next to the attack's real trigger."""
+    try:
+        art = store().load_artefacts(nc_run.id)
+    except BdftError as exc:
+        show_error(exc)
+        return
+    if "masks" not in art:
+        return
+    st.subheader("Neural Cleanse: the trigger it reverse-engineered")
+    flagged = [int(k) for k in art.get("flagged", [])]
+    norms = art.get("mask_l1")
+    shown = flagged or ([int(norms.argmin())] if norms is not None else [0])
+    cols = st.columns(len(shown) + 1)
+    try:
+        attack, shape = figures.attack_of_run(run)
+        cols[0].image(figures.trigger_on_grey(attack, shape), caption=f"real trigger (target {run.attack.get('target')})")
+    except Exception:  # noqa: BLE001 - an attack that needs data to draw its trigger
+        cols[0].caption("The real trigger depends on the data; see the Attack lab's preview.")
+    for col, k in zip(cols[1:], shown):
+        col.image(figures.reversed_trigger_display(art["masks"][k], art["patterns"][k]),
+                  caption=f"reversed for class {k}" + (" (flagged)" if k in flagged else " (smallest mask, not flagged)"))
+    st.caption("Neural Cleanse searches, for every class, the smallest patch that turns any image into that class. "
+               "A class whose patch is much smaller than the others' is flagged as the backdoor's target.")
+
+
+@st.cache_data(show_spinner="Finding the flagged training images…", max_entries=8)
+def _flagged_images(run_id: str, d_run_id: str, n: int):
+    import torch
+
+    from bdft_core.pipeline import training_images
+
+    art = store().load_artefacts(d_run_id)
+    idx = art.get("flagged_idx")
+    if idx is None or len(idx) == 0:
+        return None
+    pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n]]
+    imgs = training_images(store().get(run_id), pick)
+    return ([figures.to_display(x, 3) for x in imgs["x"]],
+            [f"label {int(y)}" + (" · poisoned" if p else " · clean") for y, p in zip(imgs["y"], imgs["poisoned"])])
+
+
+def flagged_panel(run, d_run, n: int = 12) -> None:
+    """A sample of the training images a data cleanser (or ABL) flagged, each marked poisoned or clean."""
+    st.subheader(f"{d_run.defense.get('title', d_run.name)}: training images it flagged")
+    f = d_run.final
+    if "precision" in f:
+        st.caption(f"Flagged {f.get('n_flagged')} of the training images; {figures.pct(f.get('precision'))} of them were "
+                   f"truly poisoned (precision) and they cover {figures.pct(f.get('recall'))} of the "
+                   f"{f.get('n_poisoned')} poisoned images (recall).")
+    try:
+        got = _flagged_images(run.id, d_run.id, n)
+    except BdftError as exc:
+        show_error(exc)
+        return
+    if got is None:
+        st.caption("It flagged no images.")
+        return
+    st.image(got[0], caption=got[1])

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: as the run)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("compare", help="run every defense (or --defenses) on one poisoned run and tabulate CA, ASR, seconds")
+    p.add_argument("--run", required=True, help="id of the poisoned run")
+    p.add_argument("--defenses", default=None, help="comma-separated defense names (default: all registered)")
+    p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
     p = sub.add_parser("demo", help="the whole story: poison, train, defend with FT and SFT, measure")
     _add_attack_args(p)
     p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
@@ -191,6 +197,25 @@ def _dispatch(a) -> int:
                            f" -> {_fmt(run.final['clean_acc'])}, ASR {_fmt(parent.final.get('asr'))} -> "
                            f"{_fmt(run.final['asr'])} ({run.timings['total_s']:.1f}s)")
         return 0
+    if a.cmd == "compare":
+        from .compare import compare_defenses, verdict
+
+        names = [d.strip() for d in a.defenses.split(",") if d.strip()] if a.defenses else None
+        out = compare_defenses(a.run, names, clean_fraction=a.clean_fraction, store=RunStore(a.runs_dir),
+                               callbacks=cbs, stop=stop, on_stage=lambda n: print(f"== {n}", file=sys.stderr))
+        out["verdict"] = verdict(out)
+        p = out["poisoned"]
+        lines = [f"{out['dataset']} / {out['attack']} run {out['run_id']}: poisoned CA {_fmt(p['clean_acc'])}, "
+                 f"ASR {_fmt(p['asr'])}; defender's clean data {100 * out['clean_fraction']:g}%",
+                 f"{'defense':22s} {'CA':>7s} {'ASR':>7s} {'dCA':>7s} {'dASR':>7s} {'seconds':>8s}"]
+        for r in out["rows"]:
+            lines.append(f"{r['defense']:22s} {_fmt(r['clean_acc']):>7s} {_fmt(r['asr']):>7s} "
+                         f"{100 * (r['d_clean_acc'] or 0):+6.1f}p {100 * (r['d_asr'] or 0):+6.1f}p {r['seconds']:8.1f}")
+        lines += [f"{s['defense']:22s} skipped: {s['reason']}" for s in out["skipped"]]
+        lines += [f"{f['defense']:22s} FAILED: {f['error']}" for f in out["failed"]]
+        lines.append(out["verdict"])
+        _emit(out, a.json, "\n".join(lines))
+        return 0 if not out["failed"] else 1
     if a.cmd == "demo":
         cfg = _attack_config(a).validate()
         defenses = [d.strip() for d in a.defenses.split(",") if d.strip()]

@@ -267,3 +267,80 @@ __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_o
            "trigger_on_grey",
            "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "run_series", "schedule_figure",
            "summary_rows", "to_display", "trigger_preview"]
+
+
+# -- comparing defenses ------------------------------------------------------------------------------
+def comparison_rows(poisoned: dict, rows: list[dict]) -> list[dict]:
+    """The defense-comparison table for display: one row per defense (rows as made by
+    :func:`bdft_core.compare.row_of`), with percentages, changes, seconds and what it needed."""
+    out = [{"defense": "poisoned model (before)", "CA": pct(poisoned.get("clean_acc")), "ASR": pct(poisoned.get("asr")),
+            "ΔCA": "", "ΔASR": "", "seconds": _secs(poisoned.get("seconds")), "detection": "",
+            "needs": "(trained by the attacker)"}]
+    for r in rows:
+        det = ""
+        if r.get("precision") is not None:
+            det = f"precision {pct(r['precision'], 0)}, recall {pct(r.get('recall'), 0)}"
+        elif r.get("flagged_classes") is not None:
+            det = ("flagged class " + ", ".join(map(str, r["flagged_classes"]))) if r["flagged_classes"] else "no class flagged"
+        out.append({"defense": r.get("title") or label_of(r["defense"]), "CA": pct(r.get("clean_acc")),
+                     "ASR": pct(r.get("asr")), "ΔCA": _delta(r.get("clean_acc"), poisoned.get("clean_acc")),
+                     "ΔASR": _delta(r.get("asr"), poisoned.get("asr")), "seconds": _secs(r.get("seconds")),
+                     "detection": det, "needs": r.get("needs", "")})
+    return out
+
+
+def cost_scatter(poisoned: dict, rows: list[dict], height: int = 420):
+    """Clean accuracy (x) against attack success rate (y), one marker per defense, its area
+    proportional to the defense's wall time; the poisoned model as a red cross. The best place is the
+    bottom right: low ASR, high CA."""
+    go, _ = _go()
+    fig = go.Figure()
+    secs = [r.get("seconds") or 0.0 for r in rows]
+    top = max(secs + [1e-9])
+    for r, s in zip(rows, secs):
+        if r.get("clean_acc") is None or r.get("asr") is None:
+            continue
+        size = 12 + 48 * math.sqrt(s / top)  # area grows with cost
+        fig.add_trace(go.Scatter(x=[100 * r["clean_acc"]], y=[100 * r["asr"]], mode="markers+text",
+                                 name=r.get("title") or label_of(r["defense"]), text=[r["defense"]],
+                                 textposition="top center",
+                                 marker={"size": size, "color": color_of(r["defense"]), "opacity": 0.75,
+                                         "line": {"width": 1, "color": "#333"}},
+                                 hovertemplate=(f"{r.get('title') or r['defense']}<br>CA %{{x:.1f}}%<br>"
+                                                f"ASR %{{y:.1f}}%<br>{s:.1f} s<extra></extra>")))
+    if poisoned.get("clean_acc") is not None and poisoned.get("asr") is not None:
+        fig.add_trace(go.Scatter(x=[100 * poisoned["clean_acc"]], y=[100 * poisoned["asr"]], mode="markers+text",
+                                 name="poisoned model", text=["poisoned"], textposition="bottom center",
+                                 marker={"symbol": "x", "size": 14, "color": color_of("attack")}))
+    fig.update_layout(height=height, margin={"l": 50, "r": 10, "t": 40, "b": 50},
+                      title="Clean accuracy vs attack success rate (marker area: seconds)",
+                      xaxis={"title": "clean accuracy (CA), higher is better", "ticksuffix": "%"},
+                      yaxis={"title": "attack success rate (ASR), lower is better", "ticksuffix": "%",
+                             "range": [-5, 105]})
+    return fig
+
+
+CAPTIONS["scatter"] = ("Each marker is one defense applied to the same poisoned model. Down is better (the trigger "
+                       "works less often), right is better (ordinary images stay correct); a bigger marker took "
+                       "longer. The red cross is the poisoned model before any defense.")
+
+
+def reversed_trigger_display(mask, pattern, scale: int = 4) -> np.ndarray:
+    """A reversed-engineered trigger (Neural Cleanse: ``mask`` (1,H,W), ``pattern`` (C,H,W), floats in
+    [0, 1]) stamped on a plain grey image, as :func:`trigger_on_grey` draws the real one."""
+    import torch
+
+    m = torch.as_tensor(mask).float().clamp(0, 1)
+    p = torch.as_tensor(pattern).float().clamp(0, 1)
+    img = torch.full_like(p, 0.5) * (1 - m) + p * m
+    return to_display((img * 255).round().to(torch.uint8), scale)
+
+
+def attack_of_run(run):
+    """The attack object a stored run used, rebuilt from its record (for drawing its trigger)."""
+    from .attacks import build_attack
+
+    a, m = run.attack, run.model
+    shape = (m["channels"], *m["image_size"])
+    return build_attack(a["name"], shape, m["num_classes"], target=a.get("target", 0), mode=a.get("mode", "all_to_one"),
+                        seed=a.get("seed", 0), **(a.get("params") or {})), shape

@@ -331,9 +331,20 @@ class JobManager:
                     break
                 self._set_stage(job, name)
                 d_over = {**over, "eval_every": 0}
-                run, _ = run_defense(parent.id, name, params=(p.get("params") or {}).get(name),
-                                     clean_fraction=p.get("clean_fraction", 0.2), store=self.store, callbacks=cbs,
-                                     stop=stop, train_over=self._defense_over(parent, name, p, d_over))
+                from .compare import applicable
+
+                why = applicable(parent, name)
+                if why:
+                    out.setdefault("skipped", []).append({"defense": name, "reason": why})
+                    continue
+                try:
+                    run, _ = run_defense(parent.id, name, params=(p.get("params") or {}).get(name),
+                                         clean_fraction=p.get("clean_fraction", 0.2), store=self.store,
+                                         callbacks=cbs, stop=stop,
+                                         train_over=self._defense_over(parent, name, p, d_over))
+                except BdftError as exc:  # the other defenses still run; the error is shown with the result
+                    out.setdefault("failed", []).append({"defense": name, "error": str(exc)})
+                    continue
                 job.run_ids.append(run.id)
                 out["defended"][name] = {"clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
                                          "seconds": run.timings.get("total_s"), "run_id": run.id,
@@ -352,8 +363,10 @@ class JobManager:
         from .defenses import build_defense
         from .pipeline import defender_size
 
-        n = defender_size(parent, p.get("clean_fraction", 0.2))
-        total = build_defense(name, **((p.get("params") or {}).get(name) or {})).total_steps(n)
+        d = build_defense(name, **((p.get("params") or {}).get(name) or {}))
+        if d.uses_poisoned_data or "batch_size" not in d.params or "epochs" not in d.params:
+            return dict(over)  # not a plain fine-tuning: its own phases decide when to evaluate
+        total = d.total_steps(defender_size(parent, p.get("clean_fraction", 0.2)))
         return {**over, "eval_every": _eval_every(total)}
 
 

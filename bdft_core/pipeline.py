@@ -356,3 +356,15 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
                                  "seconds": drun.timings["total_s"], "run_id": drun.id}
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def training_images(run: Run, idx) -> dict:
+    """Training images of a standalone attack run as the model was trained on them (triggers
+    included), by index, with their given labels and whether each truly carries the trigger: what a
+    data cleanser flagged, for display."""
+    cfg = attack_config_of(run)
+    pt = poisoned_training(run, cfg, prepare(cfg))
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
+    truth = torch.zeros(len(pt.y), dtype=torch.bool)
+    truth[pt.poison_idx.cpu()] = True
+    return {"x": pt.x.cpu()[idx], "y": pt.y.cpu()[idx], "poisoned": truth[idx]}

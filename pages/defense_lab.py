@@ -2,7 +2,7 @@
 import streamlit as st
 
 import ui
-from bdft_core import figures
+from bdft_core import compare, figures
 from bdft_core.defenses import DEFENSES, build_defense
 from bdft_core.paradigms import DEFENSE_DEFAULTS, defense_defaults
 from bdft_core.pipeline import DEFAULT_CLEAN_FRACTION, defender_size
@@ -38,6 +38,9 @@ for name in chosen:
     cls = DEFENSES[name]
     with st.expander(f"{cls.title} settings"):
         st.caption(f"{cls.paper}. Needs: {cls.needs}.")
+        if cls.uses_poisoned_data and paradigm != "standalone":
+            st.warning("This defense inspects the poisoned training set, which the victim never trained on in "
+                       "this paradigm: it will be skipped.")
         if DEFENSE_DEFAULTS.get(paradigm, {}).get(name):
             st.caption(f"Defaults adjusted for the {paradigm} paradigm (see the README).")
         params[name] = ui.param_widgets(defense_defaults(paradigm, name), cls.help, f"def_p_{paradigm}_{name}")
@@ -45,7 +48,9 @@ try:
     n_clean = defender_size(run, budget / 100.0)
     st.caption(f"The defender gets {n_clean} clean training images.")
     for name in chosen:
-        schedules[name] = build_defense(name, **params[name]).schedule_values(n_clean)
+        d = build_defense(name, **params[name])
+        if d.has_schedule():
+            schedules[name] = d.schedule_values(n_clean)
     if schedules:
         st.plotly_chart(figures.schedule_figure(schedules), key="def_schedule")
         st.caption(figures.CAPTIONS["schedule"])
@@ -69,11 +74,26 @@ ui.job_panel(job, key="def")
 
 children = ui.store().children(parent)
 if children:
-    st.subheader("Defenses already applied to this run")
-    defended = {}
-    for c in children:
-        defended.setdefault(c["name"], {"clean_acc": c["clean_acc"], "asr": c["asr"], "seconds": c["seconds"]})
-    st.dataframe(figures.summary_rows({**run.final, "seconds": run.timings.get("total_s")}, defended),
-                 hide_index=True)
+    st.subheader("How the defenses compare on this run")
+    newest = {}
+    for c in children:  # newest first: keep the latest result per defense
+        newest.setdefault(c["name"], c["id"])
+    try:
+        d_runs = {name: ui.store().get(rid) for name, rid in newest.items()}
+    except Exception as exc:
+        ui.show_error(exc)
+        st.stop()
+    rows = [compare.row_of(run, d) for d in d_runs.values()]
+    before = {**run.final, "seconds": run.timings.get("total_s")}
+    st.dataframe(figures.comparison_rows(before, rows), hide_index=True, key="def_table")
     st.caption("Newest result per defense. ΔASR below zero means the backdoor weakened; ΔCA near zero means "
-               "clean accuracy was kept.")
+               "clean accuracy was kept. 'needs' is what the defender must have for that defense.")
+    st.plotly_chart(figures.cost_scatter(before, rows), key="def_scatter")
+    st.caption(figures.CAPTIONS["scatter"])
+    if "sft" in d_runs and len(rows) > 1:
+        st.info(compare.verdict({"rows": rows}))
+    if "neural_cleanse" in d_runs:
+        ui.reversed_trigger_panel(run, d_runs["neural_cleanse"])
+    for name in ("activation_clustering", "spectral_signatures", "abl"):
+        if name in d_runs:
+            ui.flagged_panel(run, d_runs[name])

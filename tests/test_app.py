@@ -200,12 +200,19 @@ def test_defense_lab_runs_defenses_live(app):
     assert len(app.get("plotly_chart")) == 1  # the schedule, drawn before running
     app.slider(key="def_budget").set_value(30.0).run()
     assert any("clean training images" in c.value for c in app.caption)
+    app.multiselect(key="def_defenses").set_value(["ft", "sft", "fine_pruning"]).run()
     app.button(key="def_start").click().run()
     seen = _wait(app)
     assert "finished" in seen[-1]
     rows = app.dataframe[0].value
-    assert list(rows["model"]) == ["poisoned model", "Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
+    assert list(rows["model"]) == ["poisoned model", "Fine-tuning (FT)", "Super-fine-tuning (SFT)", "Fine-Pruning"]
     assert all(s.endswith("pts") for s in rows["ΔASR"][1:])
+    # the comparison of everything applied to this run: table with what each needed, scatter, verdict
+    table = app.dataframe[-1].value
+    assert set(table["defense"][1:]) == {"Fine-tuning (FT)", "Super-fine-tuning (SFT)", "Fine-Pruning"}
+    assert all("clean labelled data" in n for n in table["needs"][1:])
+    assert any(c.value == __import__("bdft_core.figures").figures.CAPTIONS["scatter"] for c in app.caption)
+    assert any(i.value.startswith("SFT: ASR") for i in app.info)
 
 
 def test_defense_lab_without_runs_says_what_to_do(app):

@@ -84,6 +84,12 @@ class Defense:
             return Constant(float(self.params["lr"]))
         raise NotImplementedError
 
+    def has_schedule(self) -> bool:
+        """Whether :meth:`schedule_values` describes this defense's training (a fine-tuning on the
+        clean data); defenses with their own phases override or answer False."""
+        p = self.params
+        return not self.uses_poisoned_data and all(k in p for k in ("lr", "epochs", "batch_size"))
+
     def epochs_for(self, n_clean: int) -> float:
         """Passes over the clean data: ``epochs``, raised so that at least ``min_steps`` steps run
         (a budget of a few dozen images would otherwise give a handful of steps)."""

@@ -1,0 +1,92 @@
+"""Comparing defenses on one poisoned run: the CLI's `compare` (JSON contract), rows with changes from
+the poisoned model, skipped and failed defenses reported without losing the others, the verdict."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bdft_core.compare import best_baseline, compare_defenses, compare_names, verdict
+from bdft_core.defenses import DEFENSES, Defense
+from bdft_core.errors import ConfigError
+from bdft_core.pipeline import AttackConfig, run_attack
+from bdft_core.runs import RunStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = dict(dataset="digits", epochs=3, model_kwargs={"widths": [8, 8, 16]}, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    store = RunStore(root)
+    run, _ = run_attack(AttackConfig(**QUICK), store=store)
+    return root, store, run
+
+
+def test_cli_compare_json(poisoned):
+    root, store, run = poisoned
+    r = subprocess.run([sys.executable, "-m", "bdft_core", "--runs-dir", str(root), "compare", "--run", run.id,
+                        "--defenses", "ft,fst", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "BDFT_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row["defense"] for row in out["rows"]] == ["ft", "fst"]
+    assert out["poisoned"]["asr"] == pytest.approx(run.final["asr"])
+    for row in out["rows"]:
+        child = store.get(row["run_id"])  # each result is stored as a child of the poisoned run
+        assert child.parent == run.id
+        assert row["clean_acc"] == pytest.approx(child.final["clean_acc"])
+        assert row["d_asr"] == pytest.approx(child.final["asr"] - run.final["asr"])
+        assert row["seconds"] > 0 and "clean labelled data" in row["needs"]
+    assert "SFT" in out["verdict"]  # no SFT row: the verdict says what to run
+
+
+def test_one_failing_defense_does_not_lose_the_others(poisoned, monkeypatch):
+    _, store, run = poisoned
+
+    class Broken(Defense):
+        name = "broken"
+        title = "Broken"
+        defaults = {}
+
+        def apply(self, *a, **k):
+            raise ConfigError("this defense always fails")
+
+    class NeedsTraining(Defense):
+        name = "needs_training"
+        title = "Needs training data"
+        uses_poisoned_data = True
+        defaults = {}
+
+        def apply(self, model, x, y, evaluator=None, poisoned=None, **k):
+            from bdft_core.train import TrainResult
+
+            assert poisoned is not None and len(poisoned.poison_idx) == run.attack["n_poisoned"]
+            return TrainResult(final={**evaluator(model), **poisoned.detection_scores(poisoned.poison_idx[:3])})
+
+    monkeypatch.setitem(DEFENSES, "broken", Broken)
+    monkeypatch.setitem(DEFENSES, "needs_training", NeedsTraining)
+    out = compare_defenses(run.id, ["broken", "needs_training"], store=store, params={})
+    assert out["failed"] == [{"defense": "broken", "error": "this defense always fails"}]
+    (row,) = out["rows"]
+    assert row["defense"] == "needs_training" and row["precision"] == 1.0
+    assert row["recall"] == pytest.approx(3 / run.attack["n_poisoned"])
+
+
+def test_bad_names():
+    with pytest.raises(ConfigError, match="unknown defense"):
+        compare_names(["ft", "nope"])
+    assert compare_names(None)[:2] == ["ft", "sft"]
+
+
+def test_verdict_and_best_baseline():
+    rows = [{"defense": "sft", "title": "SFT", "asr": 0.03, "clean_acc": 0.70, "seconds": 20.0},
+            {"defense": "ft", "title": "FT", "asr": 0.5, "clean_acc": 0.72, "seconds": 18.0},
+            {"defense": "anp", "title": "ANP", "asr": 0.04, "clean_acc": 0.60, "seconds": 50.0},
+            {"defense": "nad", "title": "NAD", "asr": 0.04, "clean_acc": 0.66, "seconds": 40.0}]
+    assert best_baseline(rows)["defense"] == "nad"  # ASR tie: the higher clean accuracy wins
+    assert verdict({"rows": rows}).endswith("SFT matches it at lower cost, as the paper claims.")
+    rows[0]["asr"] = 0.3
+    assert "leaves a higher ASR" in verdict({"rows": rows})
