@@ -249,7 +249,7 @@ def _flagged_images(run_id: str, d_run_id: str, n: int):
         return None
     pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n]]
     imgs = training_images(store().get(run_id), pick)
-    return ([figures.to_display(x, 3) for x in imgs["x"]],
+    return ([figures.to_display(x.float() / 255.0, 3) for x in imgs["x"]],
             [f"label {int(y)}" + (" · poisoned" if p else " · clean") for y, p in zip(imgs["y"], imgs["poisoned"])])
 
 

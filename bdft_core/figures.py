@@ -333,7 +333,7 @@ def reversed_trigger_display(mask, pattern, scale: int = 4) -> np.ndarray:
     m = torch.as_tensor(mask).float().clamp(0, 1)
     p = torch.as_tensor(pattern).float().clamp(0, 1)
     img = torch.full_like(p, 0.5) * (1 - m) + p * m
-    return to_display((img * 255).round().to(torch.uint8), scale)
+    return to_display(img, scale)
 
 
 def attack_of_run(run):

@@ -90,3 +90,25 @@ def test_verdict_and_best_baseline():
     assert verdict({"rows": rows}).endswith("SFT matches it at lower cost, as the paper claims.")
     rows[0]["asr"] = 0.3
     assert "leaves a higher ASR" in verdict({"rows": rows})
+
+
+def test_comparison_table_and_scatter():
+    import torch
+
+    from bdft_core import figures
+
+    before = {"clean_acc": 0.73, "asr": 0.97, "seconds": 90.0}
+    rows = [{"defense": "sft", "title": "SFT", "clean_acc": 0.70, "asr": 0.05, "seconds": 20.0, "needs": "clean data"},
+            {"defense": "spectral_signatures", "title": "Spectral Signatures", "clean_acc": 0.72, "asr": 0.10,
+             "seconds": 80.0, "needs": "the poisoned training set", "precision": 0.5, "recall": 1.0}]
+    table = figures.comparison_rows(before, rows)
+    assert [r["ΔASR"] for r in table] == ["", "-92.0 pts", "-87.0 pts"]
+    assert table[2]["detection"] == "precision 50%, recall 100%" and table[2]["needs"] == "the poisoned training set"
+    fig = figures.cost_scatter(before, rows)
+    sft, ss, poisoned = fig.data
+    assert (sft.x[0], sft.y[0]) == pytest.approx((70.0, 5.0)) and poisoned.name == "poisoned model"
+    assert ss.marker.size == pytest.approx(60.0) and sft.marker.size == pytest.approx(12 + 48 * 0.5)  # area ~ seconds
+    mask = torch.zeros(1, 2, 2)
+    mask[0, 0, 0] = 1.0
+    img = figures.reversed_trigger_display(mask, torch.ones(3, 2, 2), scale=1)
+    assert img.shape == (2, 2, 3) and img[0, 0].tolist() == [255, 255, 255] and img[1, 1].tolist() == [128, 128, 128]
