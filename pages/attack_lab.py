@@ -111,10 +111,17 @@ st.subheader("Preview")
 try:
     atk = build_attack(attack, data.image_shape, data.num_classes, target=int(target), mode=mode, seed=int(seed),
                        **params)
-    prev = figures.trigger_preview(atk, data.x_train, n=6)
+    if atk.preview_needs_fit:
+        st.info(f"{atk.title} learns its trigger from the training data when training starts (about a minute), "
+                "so there is no trigger to preview before training.")
+        prev = {}
+    else:
+        prev = figures.trigger_preview(atk, data.x_train, n=6)
     for row, label in (("clean", "clean"), ("poisoned", "with trigger"), ("residual", "trigger (amplified)")):
-        st.image(prev[row], caption=[label] * len(prev[row]))
-    st.caption(figures.CAPTIONS["preview"])
+        if row in prev:
+            st.image(prev[row], caption=[label] * len(prev[row]))
+    if prev:
+        st.caption(figures.CAPTIONS["preview"])
 except Exception as exc:
     ui.show_error(exc)
     atk = None

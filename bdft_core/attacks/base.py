@@ -38,6 +38,9 @@ class Attack:
     image_param: ClassVar[str | None] = None  # the setting that also takes a user image (a path)
     help: ClassVar[dict[str, str]] = {}
     clean_label: ClassVar[bool] = False  # True: poisons target-class images and keeps their labels
+    # True: the trigger is learned from the data by fit_to (a generator), so it cannot be drawn before
+    # training; front ends say so instead of previewing an untrained trigger
+    preview_needs_fit: ClassVar[bool] = False
 
     def __init__(self, image_shape, num_classes: int, target: int = 0, mode: str = "all_to_one", seed: int = 0,
                  **params):

@@ -142,6 +142,13 @@ def check_paradigm_params(cfg) -> dict[str, Any]:
         raise ConfigError("a downstream dataset only applies to the transfer and encoder paradigms")
     if cfg.paradigm == "standalone" and cfg.attack == "latent":
         raise ConfigError("the latent backdoor targets a downstream task: use it with the transfer paradigm")
+    from ..attacks import ATTACKS
+    from ..attacks.base import Attack
+
+    cls = ATTACKS.get(str(cfg.attack).lower())
+    if cfg.paradigm != "standalone" and cls is not None and cls.fit_to is not Attack.fit_to:
+        raise ConfigError(f"{cls.title} builds its trigger from the training data it poisons (a generator or a "
+                          "surrogate model), so it runs in the standalone paradigm only")
     return p
 
 
