@@ -7,6 +7,7 @@ Layout under the runs directory (``$BDFT_RUNS_DIR``, else ``~/.bdft/runs``)::
     <run_id>/run.json       the full record
     <run_id>/model.safetensors
     <run_id>/artefacts.safetensors   optional: a defense's tensors (reversed trigger, flagged indices)
+    <run_id>/<name>.json             optional: results computed later (sequela)
 
 Writes are atomic: files are written to temporary names, flushed and renamed into place, and the
 index row is inserted last, in one transaction. A crash before that leaves at most an unlisted
@@ -245,6 +246,26 @@ class RunStore:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"the artefacts of run {run_id} are unreadable ({exc})") from None
+
+    def save_result(self, run_id: str, name: str, obj: dict) -> None:
+        """Keep a JSON result computed later about a run (sequela, attributions) as
+        ``<run_id>/<name>.json``, so reopening it is instant."""
+        if not name.isidentifier():
+            raise ValueError(f"bad result name {name!r}")
+        self.get(run_id)
+        _atomic_write_bytes(self.path(run_id) / f"{name}.json", json.dumps(obj, indent=1, default=_json_default).encode())
+
+    def load_result(self, run_id: str, name: str) -> dict | None:
+        """A result kept with :meth:`save_result`, or None."""
+        if not name.isidentifier():
+            raise ValueError(f"bad result name {name!r}")
+        p = self.path(run_id) / f"{name}.json"
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"the stored {name} result of run {run_id} is unreadable ({exc})") from None
 
     def children(self, run_id: str) -> list[dict]:
         return self.list(parent=run_id)

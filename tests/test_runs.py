@@ -95,3 +95,19 @@ def test_delete_removes_children(tmp_path):
     assert set(store.delete(run.id)) == {run.id, child.id}
     assert store.list() == [] and not store.path(run.id).exists()
     assert json.loads(json.dumps(store.list())) == []
+
+
+def test_results_and_artefacts_kept_with_a_run(stored):
+    store, run, _ = stored
+    assert store.load_result(run.id, "sequela") is None and store.load_artefacts(run.id) == {}
+    store.save_result(run.id, "sequela", {"auc": 0.5})
+    store.save_artefacts(run.id, {"flagged_idx": torch.tensor([3, 1])})
+    assert store.load_result(run.id, "sequela") == {"auc": 0.5}
+    assert store.load_artefacts(run.id)["flagged_idx"].tolist() == [3, 1]
+    (store.path(run.id) / "sequela.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        store.load_result(run.id, "sequela")
+    with pytest.raises(ValueError):
+        store.save_result(run.id, "../evil", {})
+    with pytest.raises(RunNotFound):
+        store.save_result("nope", "sequela", {})
