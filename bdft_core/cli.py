@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.2)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
+    p = sub.add_parser("explain", help="attribution maps (Grad-CAM etc.) of a poisoned run and its defended children, as PNGs")
+    p.add_argument("--run", required=True, help="id of the poisoned run")
+    p.add_argument("--defenses", default=None, help="comma-separated defended children to include (default: all)")
+    p.add_argument("--method", default="gradcam", help="gradcam, saliency or integrated_gradients")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer name (default: the deepest with at least 8x8 maps)")
+    p.add_argument("--n", type=int, default=8, help="test images (true class not the target)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="explain", help="folder for the PNG files")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the whole story: poison, train, defend with FT and SFT, measure")
     _add_attack_args(p)
     p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
@@ -216,6 +226,24 @@ def _dispatch(a) -> int:
         lines.append(out["verdict"])
         _emit(out, a.json, "\n".join(lines))
         return 0 if not out["failed"] else 1
+    if a.cmd == "explain":
+        from .explain_runs import explain_run, summary, write_images
+
+        names = [d.strip() for d in a.defenses.split(",") if d.strip()] if a.defenses else None
+        res = explain_run(RunStore(a.runs_dir), a.run, names, n=a.n, method=a.method, layer=a.layer, seed=a.seed)
+        paths = write_images(res, a.out)
+        rows = summary(res)
+        obj = {"run_id": res["run_id"], "method": res["method"], "n": res["n"], "rows": rows, "images": paths,
+               "seconds": res["seconds"]}
+        lines = [f"{res['method_title']} on {res['n']} test images of run {res['run_id']} (row 1 clean, row 2 triggered):"]
+        for r in rows:
+            share = "" if r.get("share_triggered") is None else (
+                f"trigger-region share {_fmt(r['share_clean'])} clean -> {_fmt(r['share_triggered'])} triggered, ")
+            lines.append(f"  {r['model']:22s} {share}map shift {r['map_shift']:.2f}, prediction flipped by the "
+                         f"trigger {_fmt(r['flip_rate'])}")
+        lines += [f"  wrote {p}" for p in paths]
+        _emit(obj, a.json, "\n".join(lines))
+        return 0
     if a.cmd == "demo":
         cfg = _attack_config(a).validate()
         defenses = [d.strip() for d in a.defenses.split(",") if d.strip()]

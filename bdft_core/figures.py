@@ -344,3 +344,44 @@ def attack_of_run(run):
     shape = (m["channels"], *m["image_size"])
     return build_attack(a["name"], shape, m["num_classes"], target=a.get("target", 0), mode=a.get("mode", "all_to_one"),
                         seed=a.get("seed", 0), **(a.get("params") or {})), shape
+
+
+# -- attribution maps ----------------------------------------------------------------------------
+CAPTIONS["explain"] = ("Trigger-region share: how much of the map lies on the trigger patch (a small patch would get "
+                       "about its area share by chance). Map shift: how much the trigger changed the map (0 same, 1 "
+                       "completely different). Flipped: share of images whose prediction the trigger changed.")
+
+
+def explain_rows(result: dict) -> list[dict]:
+    """The table under the attribution maps: one row per model."""
+    rows = []
+    for r in result["rows"]:
+        rows.append({"model": label_of("poisoned" if r["model"] == "poisoned" else r["model"]),
+                     "layer": r.get("layer") or "(pixels)",
+                     "trigger share, clean": pct(r.get("share_clean")),
+                     "trigger share, triggered": pct(r.get("share_triggered")),
+                     "map shift": "–" if r.get("map_shift") is None else f"{r['map_shift']:.2f}",
+                     "flipped by trigger": pct(r.get("flip_rate")), "seconds": _secs(r.get("seconds"))})
+    return rows
+
+
+def explain_sentence(result: dict) -> str:
+    """What the maps say, in plain words: compares the poisoned model with its best-cleaned child."""
+    rows = {r["model"]: r for r in result["rows"]}
+    p = rows.get("poisoned")
+    if p is None:
+        return ""
+    key = "share_triggered" if p.get("share_triggered") is not None else "map_shift"
+    what = "of its attention on the trigger patch" if key == "share_triggered" else "change in its map when the trigger is added"
+    fmt = (lambda v: pct(v)) if key == "share_triggered" else (lambda v: f"{v:.2f}")
+    parts = [f"On triggered images the poisoned model puts {fmt(p[key])} {what}"
+             if key == "share_triggered" else f"The poisoned model's map changes by {fmt(p[key])} when the trigger is added"]
+    others = [r for m, r in rows.items() if m != "poisoned" and r.get(key) is not None]
+    if not others:
+        return parts[0] + ". Apply a defense in the Defense lab to compare."
+    best = min(others, key=lambda r: r[key])
+    ratio = p[key] / best[key] if best[key] else float("inf")
+    parts.append(f"after {label_of(best['model'])} it is {fmt(best[key])}"
+                 + (f" ({ratio:.1f}x less): the defended model's attention has left the trigger." if ratio >= 2 else
+                    " — not much less: the trigger still draws its attention."))
+    return "; ".join(parts)

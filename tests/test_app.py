@@ -288,3 +288,18 @@ def test_attack_lab_encoder_paradigm_offers_encoders_and_pretraining(app):
     assert any("Encoder written to" in s.value for s in app.success)
     app.run()
     assert len(app.selectbox(key="atk_pp_encoder").options) == 2  # the new encoder can be picked
+
+
+def test_explain_page_shows_maps_for_the_poisoned_model(app):
+    _page(app, "explain")
+    assert "No poisoned model yet" in app.info[0].value
+    _train_digits(app)
+    _page(app, "explain")
+    assert app.selectbox(key="exp_layer").value == "body.3"  # the default: the deepest layer with big enough maps
+    app.selectbox(key="exp_method").set_value("saliency").run()
+    app.number_input(key="exp_n").set_value(3).run()
+    app.button(key="exp_go").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    table = app.dataframe[0].value
+    assert list(table["model"]) == ["poisoned model"] and table["layer"][0] == "(pixels)"
+    assert len(app.get("image")) >= 1 and "Apply a defense" in app.info[0].value

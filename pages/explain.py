@@ -1,0 +1,61 @@
+"""Explain: where does each model look? Attribution maps of a poisoned model and its defended
+versions on the same test images, clean and with the trigger."""
+import streamlit as st
+
+import ui
+from bdft_core import explain, explain_runs, figures
+
+st.title("Explain")
+st.caption("Where does the model look when it decides? Bright areas mattered most for the prediction. A backdoored "
+           "model looks at the trigger when it is there; after a successful defense its attention should leave it.")
+
+runs = [r for r in ui.store().list() if r["kind"] in ("attack", "victim")]
+if not runs:
+    st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
+    st.stop()
+labels = {r["id"]: f"{r['name']} on {r['dataset']} · ASR {figures.pct(r['asr'])} · {r['id']}" for r in runs}
+run_id = st.selectbox("Poisoned run", list(labels), key="exp_run", format_func=labels.get,
+                      help="Its defended versions (from the Defense lab) are shown next to it")
+c1, c2, c3 = st.columns(3)
+method = c1.selectbox("Method", explain.method_names(), key="exp_method",
+                      format_func=lambda m: explain.METHODS[m].title,
+                      help="Grad-CAM: coarse, from a convolutional layer; Saliency: pixel gradients; Integrated "
+                           "Gradients: sharper, about 100x slower")
+n = c2.number_input("Test images", 1, 16, 6, key="exp_n", help="Test images whose true class is not the target")
+seed = c3.number_input("Seed", 0, 10_000, 0, key="exp_seed", help="Which test images are drawn")
+layer = None
+if explain.METHODS[method].uses_layer:
+    try:
+        _, model = ui.store().load_model(run_id)
+        run = ui.store().get(run_id)
+        shape = (run.model["channels"], *run.model["image_size"])
+        layers = [f"{name} ({h}x{w})" for name, _, (h, w) in explain.conv_layers(model, shape)]
+        default = explain.default_layer(model, shape)
+        names = [s.split(" ")[0] for s in layers]
+        layer = st.selectbox("Grad-CAM layer", names, index=names.index(default), key="exp_layer",
+                             format_func=lambda nm: layers[names.index(nm)],
+                             help="Deeper layers are more about meaning, shallower ones localise better; the default "
+                                  "is the deepest with at least 8x8 maps")
+    except Exception as exc:
+        ui.show_error(exc)
+        st.stop()
+
+key = (run_id, method, int(n), int(seed), layer, len(ui.store().children(run_id)))
+if st.button("Compute maps", key="exp_go", type="primary") or st.session_state.get("exp_key") == key:
+    try:
+        with st.spinner("Computing attribution maps…"):
+            if st.session_state.get("exp_key") != key:
+                st.session_state["exp_res"] = explain_runs.explain_run(ui.store(), run_id, n=int(n), method=method,
+                                                                       layer=layer, seed=int(seed))
+                st.session_state["exp_key"] = key
+        res = st.session_state["exp_res"]
+    except Exception as exc:
+        ui.show_error(exc)
+        st.stop()
+    st.dataframe(figures.explain_rows(res), hide_index=True, key="exp_table")
+    st.caption(figures.CAPTIONS["explain"])
+    cols = st.columns(len(res["models"]))
+    for col, name in zip(cols, res["models"]):
+        col.markdown(f"**{figures.label_of('poisoned' if name == 'poisoned' else name)}**")
+        col.image(explain_runs.panel(res, name, scale=3), caption="top: clean · bottom: with trigger")
+    st.info(figures.explain_sentence(res))
