@@ -196,6 +196,8 @@ def _render_job(j, key: str) -> None:
                 st.caption(f"Whole job: {r['seconds']:.0f} s. Every model is stored: compare or export them "
                            "on the Runs page.")
             st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
+        elif r and j.kind == "sequela":
+            st.success(f"Sequela measured in {r['seconds']:.0f} s and kept with run `{r['run_id']}`.")
         elif r and j.kind == "pretrain":
             probes = ", ".join(f"{k} {figures.pct(v['acc'])}" for k, v in r["linear_probe"].items())
             st.success(f"Encoder written to `{r['encoder']}` in {r['seconds']:.0f} s; linear-probe accuracy: "

@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="explain", help="folder for the PNG files")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("sequela", help="backdoor sequela: every axis for a poisoned run and each defended child")
+    p.add_argument("--run", required=True, help="id of the poisoned run (its defended children come along)")
+    p.add_argument("--axes", default=None, help="comma-separated axes (default: all)")
+    p.add_argument("--n", type=int, default=1000, help="members and non-members each")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the whole story: poison, train, defend with FT and SFT, measure")
     _add_attack_args(p)
     p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
@@ -243,6 +249,23 @@ def _dispatch(a) -> int:
                          f"trigger {_fmt(r['flip_rate'])}")
         lines += [f"  wrote {p}" for p in paths]
         _emit(obj, a.json, "\n".join(lines))
+        return 0
+    if a.cmd == "sequela":
+        from .sequela_runs import check_axes, sequela_run, table_rows
+
+        axes = check_axes(a.axes.split(",")) if a.axes else None
+
+        def prog(f, msg=""):
+            print(f"\r{100 * f:5.1f}% {msg[:70]:70s}", end="", file=sys.stderr, flush=True)
+
+        res = sequela_run(RunStore(a.runs_dir), a.run, axes=axes, n=a.n, stop=stop, progress=prog)
+        print(file=sys.stderr)
+        rows = table_rows(res)
+        human = [f"backdoor sequela of run {res['run_id']} (higher = more vulnerable; change from the poisoned model):"]
+        for r in rows:
+            human.append(f"  {r['axis']:34s} " + "  ".join(f"{m}: {r[res['labels'][m]]}" for m in res["models"]))
+        human.append(f"{res['total_seconds']:.0f} s; kept with the run for the dashboard's Sequela page")
+        _emit(res, a.json, "\n".join(human))
         return 0
     if a.cmd == "demo":
         cfg = _attack_config(a).validate()

@@ -34,7 +34,7 @@ from .errors import BdftError, ConfigError
 
 log = logging.getLogger("bdft.jobs")
 
-KINDS = ("attack", "defend", "demo", "pretrain")
+KINDS = ("attack", "defend", "demo", "pretrain", "sequela")
 ACTIVE = ("queued", "running")
 LIVE_EVALS = 20  # live CA/ASR points per training stage in the dashboard
 LIVE_SAMPLES = 500  # test images per live evaluation (final figures use the whole test set)
@@ -98,6 +98,8 @@ class Job:
         eta = p.get("eta_s")
         if eta is not None and math.isfinite(eta):
             bits.append(f"about {eta:.0f} s left in this stage")
+        if p.get("message"):
+            return " · ".join(bits + [str(p["message"])])
         return " · ".join(bits) if p.get("total_steps") else " · ".join(bits + ["preparing data"])
 
 
@@ -106,6 +108,8 @@ def stage_title(stage: str | None) -> str:
         return "attack training"
     if stage == "pretrain":
         return "SimCLR pretraining"
+    if stage == "sequela":
+        return "sequela measurements"
     if stage == "probe":
         return "linear probes"
     if stage == "clean_probe":
@@ -216,6 +220,14 @@ class JobManager:
             for n in names:
                 build_defense(n, **(per.get(n) or {}))
             check_clean_fraction(params.get("clean_fraction", 0.2))
+        if kind == "sequela":
+            from .sequela_runs import check_axes
+
+            if not params.get("run_id"):
+                raise ConfigError("pick a poisoned run to measure")
+            self.store.get(params["run_id"])
+            check_axes(params.get("axes"))
+            return ["sequela"]
         if kind == "pretrain":
             if not str(params.get("out", "")).endswith(".safetensors"):
                 raise ConfigError("the encoder file must end in .safetensors")
@@ -303,6 +315,20 @@ class JobManager:
             total = math.ceil(epochs * math.ceil(len(data.y_train) / min(cfg.batch_size, len(data.y_train))))
             return {**over, "eval_every": cfg.eval_every or _eval_every(total)}
 
+        if job.kind == "sequela":
+            from .sequela_runs import sequela_run
+
+            self._set_stage(job, "sequela")
+            t0 = time.perf_counter()
+
+            def progress(fraction, msg=""):
+                el = time.perf_counter() - t0
+                with self._lock:
+                    job.progress = {"fraction": fraction, "message": msg, "elapsed_s": el,
+                                    "eta_s": el / fraction * (1 - fraction) if fraction > 0 else float("nan")}
+
+            res = sequela_run(self.store, p["run_id"], axes=p.get("axes"), stop=stop, progress=progress)
+            return {"run_id": res["run_id"], "seconds": res["total_seconds"], "stopped": res["stopped"]}
         if job.kind == "pretrain":
             from .ssl import pretrain_encoder
 

@@ -303,3 +303,21 @@ def test_explain_page_shows_maps_for_the_poisoned_model(app):
     table = app.dataframe[0].value
     assert list(table["model"]) == ["poisoned model"] and table["layer"][0] == "(pixels)"
     assert len(app.get("image")) >= 1 and "Apply a defense" in app.info[0].value
+
+
+def test_sequela_page_measures_in_the_background_and_shows_the_radar(app):
+    _train_digits(app)
+    _page(app, "sequela")
+    assert any("Not measured yet" in i.value for i in app.info)
+    app.multiselect(key="seq_axes").set_value(["calibration", "membership"]).run()
+    app.button(key="seq_start").click().run()
+    seen = _wait(app)
+    assert "finished" in seen[-1]
+    app.run()
+    table = app.dataframe[-1].value
+    from bdft_core.sequela import AXES
+
+    assert list(table["axis"]) == [AXES["calibration"].title, AXES["membership"].title]
+    assert len(app.get("plotly_chart")) >= 1
+    app.radio(key="seq_scale").set_value("minmax").run()
+    assert not app.exception

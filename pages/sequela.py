@@ -1,0 +1,53 @@
+"""Sequela: what removing the backdoor did to the model's other weaknesses (membership inference,
+re-injection, adversarial examples, stealing, calibration), as a radar and a table."""
+import streamlit as st
+
+import ui
+from bdft_core import sequela, sequela_runs
+
+st.title("Backdoor sequela")
+st.caption("Removing a backdoor changes a model in other ways too. Here each model is attacked in other ways "
+           "(can an attacker tell which images it trained on? put the backdoor back? fool it with tiny changes? "
+           "copy it?) and the results are compared. Outward on the radar means more vulnerable.")
+
+runs = [r for r in ui.store().list() if r["kind"] in ("attack", "victim")]
+if not runs:
+    st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
+    st.stop()
+labels = {r["id"]: f"{r['name']} on {r['dataset']} · {len(ui.store().children(r['id']))} defended · {r['id']}"
+          for r in runs}
+run_id = st.selectbox("Poisoned run", list(labels), key="seq_run", format_func=labels.get,
+                      help="The poisoned model and every defended version of it are measured together")
+axes = st.multiselect("Axes", sequela.axis_names(), default=sequela.axis_names(), key="seq_axes",
+                      format_func=lambda a: sequela.AXES[a].title,
+                      help="Each axis is one other attack; all are measured on the same data and seed")
+if st.button("Measure", key="seq_start", type="primary", disabled=not axes,
+             help="Runs in the background; takes a minute or a few on a CPU"):
+    try:
+        st.session_state["seq_job"] = ui.jobs().submit("sequela", title=f"sequela of {run_id}", run_id=run_id,
+                                                       axes=axes)
+    except Exception as exc:
+        ui.show_error(exc)
+job = st.session_state.get("seq_job")
+if job is None:
+    latest = ui.jobs().latest("sequela")
+    job = latest.id if latest else None
+ui.job_panel(job, key="seq")
+
+try:
+    res = sequela_runs.stored_sequela(ui.store(), run_id)
+except Exception as exc:
+    ui.show_error(exc)
+    st.stop()
+if res is None:
+    st.info("Not measured yet for this run: press Measure.")
+    st.stop()
+if res.get("stale"):
+    st.warning("Defenses were applied after this measurement: press Measure again to include them.")
+scale = st.radio("Radar scale", ["fixed", "minmax"], key="seq_scale", horizontal=True,
+                 format_func=lambda s: {"fixed": "fixed ranges (comparable across runs)",
+                                        "minmax": "per axis, worst model at the edge"}[s])
+st.plotly_chart(sequela.radar_figure({**res, "models": res["models"]}, scale=scale), key="seq_radar")
+st.dataframe(sequela_runs.table_rows(res), hide_index=True, key="seq_table")
+st.caption(f"Raw values; in brackets the change from the poisoned model. Measured in {res['total_seconds']:.0f} s "
+           f"on {res['sizes']['members']} member and {res['sizes']['nonmembers']} non-member images (seed {res['seed']}).")

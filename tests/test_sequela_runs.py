@@ -1,0 +1,69 @@
+"""Sequela of stored runs: the poisoned model and its defended children measured together, kept with
+the run (reopening is instant), flagged stale when a defense is added; the CLI's JSON; the job."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bdft_core.errors import ConfigError
+from bdft_core.jobs import JobManager
+from bdft_core.pipeline import AttackConfig, run_attack, run_defense
+from bdft_core.runs import RunStore
+from bdft_core.sequela_runs import check_axes, sequela_run, stored_sequela, table_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AXES = ["membership", "calibration", "fgsm"]
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    store = RunStore(root)
+    run, _ = run_attack(AttackConfig(dataset="digits", epochs=3, model_kwargs={"widths": [8, 8, 16]}), store=store)
+    run_defense(run.id, "ft", {"epochs": 1, "min_steps": 5}, store=store)
+    return root, store, run
+
+
+def test_sequela_of_a_run_and_its_children_is_kept(stored):
+    _, store, run = stored
+    assert stored_sequela(store, run.id) is None
+    res = sequela_run(store, run.id, axes=AXES, n=100)
+    assert res["models"] == ["poisoned", "ft"] and res["axes"] == AXES
+    kept = stored_sequela(store, run.id)
+    assert kept["results"]["ft"]["membership"]["value"] == pytest.approx(res["results"]["ft"]["membership"]["value"])
+    assert kept["stale"] is False
+    rows = table_rows(kept)
+    assert [r["axis"] for r in rows] == [res["meta"][a]["title"] for a in AXES]
+    ft = res["results"]["ft"]["calibration"]["value"] - res["results"]["poisoned"]["calibration"]["value"]
+    assert rows[1]["Fine-tuning (FT)"].endswith(f"({ft:+.3f})")
+    run_defense(run.id, "sft", {"epochs": 1, "min_steps": 5}, store=store)
+    assert stored_sequela(store, run.id)["stale"] is True  # a defense added since: measure again
+
+
+def test_cli_sequela_json(stored):
+    root, _, run = stored
+    r = subprocess.run([sys.executable, "-m", "bdft_core", "--runs-dir", str(root), "sequela", "--run", run.id, "--axes",
+                        "membership,calibration", "--n", "100", "--json"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["results"]) == set(out["models"]) and {"poisoned", "ft"} <= set(out["models"])
+    for model in out["models"]:
+        assert 0 <= out["results"][model]["membership"]["value"] <= 1
+    bad = subprocess.run([sys.executable, "-m", "bdft_core", "--runs-dir", str(root), "sequela", "--run", run.id,
+                          "--axes", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown sequela axis" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sequela_job_reports_progress_and_stores(stored):
+    _, store, run = stored
+    jm = JobManager(store)
+    with pytest.raises(ConfigError):
+        jm.submit("sequela", run_id=run.id, axes=["nope"])
+    jid = jm.submit("sequela", run_id=run.id, axes=["calibration"])
+    job = jm.wait(jid, timeout=300)
+    assert job.status == "finished", job.error
+    assert stored_sequela(store, run.id)["axes"] == ["calibration"]
+    assert check_axes(None) is None
