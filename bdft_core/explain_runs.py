@@ -88,15 +88,16 @@ def summary(result: dict) -> list[dict]:
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in result["rows"]]
 
 
-def write_images(result: dict, out_dir: str | Path, scale: int = 4) -> list[str]:
-    """Each model's :func:`panel` as ``<out_dir>/<run>_<method>_<model>.png``; returns the paths."""
+def write_images(result: dict, out_dir: str | Path, scale: int = 4, prefix: str | None = None) -> list[str]:
+    """Each model's :func:`panel` as ``<out_dir>/<prefix>_<method>_<model>.png`` (prefix: the run id
+    unless given); returns the paths."""
     from PIL import Image
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in result["models"]:
-        p = out / f"{result.get('run_id', 'run')}_{result['method']}_{name}.png"
+        p = out / f"{prefix or result.get('run_id', 'run')}_{result['method']}_{name}.png"
         Image.fromarray(panel(result, name, scale)).save(p)
         paths.append(str(p))
     return paths
