@@ -5,12 +5,14 @@ from ..errors import ConfigError
 from .badnets import BadNets
 from .base import MODES, Attack, MaskPatternAttack, PoisonedSet, image_to_pattern
 from .blended import Blended
+from .input_aware import InputAware
+from .label_consistent import LabelConsistent
 from .latent import Latent
 from .lf import LF
 from .sig import SIG
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended, WaNet, SIG, LF, Latent)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blended, WaNet, SIG, LF, InputAware, LabelConsistent, Latent)}
 
 
 def attack_names() -> list[str]:
@@ -26,5 +28,5 @@ def build_attack(name: str, image_shape, num_classes: int, target: int = 0, mode
     return ATTACKS[key](image_shape, num_classes, target=target, mode=mode, seed=seed, **params)
 
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "LF", "MODES", "MaskPatternAttack", "PoisonedSet", "SIG", "Latent",
+__all__ = ["ATTACKS", "Attack", "BadNets", "Blended", "InputAware", "LF", "LabelConsistent", "MODES", "MaskPatternAttack", "PoisonedSet", "SIG", "Latent",
            "WaNet", "attack_names", "build_attack", "image_to_pattern"]
