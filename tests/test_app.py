@@ -321,3 +321,11 @@ def test_sequela_page_measures_in_the_background_and_shows_the_radar(app):
     assert len(app.get("plotly_chart")) >= 1
     app.radio(key="seq_scale").set_value("minmax").run()
     assert not app.exception
+
+
+def test_attack_lab_says_a_learned_trigger_has_no_preview(app):
+    _page(app, "attack_lab")
+    app.selectbox(key="atk_attack").set_value("input_aware").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any("learns its trigger from the training data" in i.value for i in app.info)
+    assert not app.button(key="atk_train").disabled

@@ -235,3 +235,13 @@ def test_config_of_an_attack_with_an_array_trigger_is_json():
     a = build_attack("badnets", (3, 8, 8), 10, size=2, pattern=np.zeros((2, 2, 3), np.uint8), position=[1, 1])
     cfg = json.loads(json.dumps(a.config()))
     assert cfg["params"]["pattern"] == "<ndarray image>" and cfg["params"]["position"] == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["input_aware", "label_consistent"])
+def test_attacks_that_learn_from_the_data_run_standalone_only(name):
+    from bdft_core.pipeline import AttackConfig
+
+    AttackConfig(dataset="digits", attack=name).validate()
+    for paradigm in ("transfer", "encoder"):
+        with pytest.raises(ConfigError, match="standalone paradigm only"):
+            AttackConfig(dataset="digits", attack=name, paradigm=paradigm).validate()
