@@ -117,3 +117,22 @@ def test_stop_while_scoring_leaves_the_model_alone():
     res = SpectralSignatures().apply(model, d.x_train[:5], d.y_train[:5], stop=stop, poisoned=poisoned)
     assert res.stopped and res.steps == 0 and "flagged_idx" not in res.artefacts
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_removes_a_sparse_backdoor_on_real_data():
+    """In the paper's regime (1% poisoned: a tenth of the target class) the flagged set holds most of
+    the poison and the retrained model loses the backdoor (measured: recall 0.88, ASR 0.83 -> 0.07).
+    At the lab's default 10% (half the target class) it cannot: see the module docstring and the
+    README's comparison table."""
+    from conftest import real_dataset
+
+    from bdft_core.pipeline import AttackConfig, run_attack, run_defense
+
+    real_dataset("cifar10")
+    run, model = run_attack(AttackConfig(dataset="cifar10", poison_rate=0.01, epochs=2.0))
+    assert run.final["asr"] > 0.6
+    d_run, _ = run_defense(run, "spectral_signatures", model=model)
+    f = d_run.final
+    assert d_run.timings["total_s"] > 0 and f["recall"] > 0.7 and f["n_flagged"] > f["n_poisoned"]
+    assert f["asr"] < run.final["asr"] - 0.3
+    assert f["clean_acc"] > run.final["clean_acc"] - 0.1
