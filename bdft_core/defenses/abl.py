@@ -60,7 +60,7 @@ from ..metrics import accuracy, autocast_ctx
 from ..schedules import Schedule, WarmupLinear
 from ..train import Progress, Trainer, TrainResult
 from .base import Defense, PoisonedTraining
-from .spectral_signatures import NEEDS_POISONED, fresh_model, retrain_config, require_poisoned
+from .spectral_signatures import NEEDS_POISONED, eval_batches, fresh_model, retrain_config, require_poisoned
 
 
 def lga_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -69,27 +69,17 @@ def lga_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tenso
     return torch.sign(ce - gamma) * ce
 
 
-@torch.no_grad()
 def per_sample_loss(model, x_uint8: torch.Tensor, y: torch.Tensor, batch: int = 1024, stop=None,
                     amp: str = "auto") -> torch.Tensor | None:
     """Cross-entropy of every sample (eval mode, no augmentation, ``amp`` as in TrainConfig); None if
     ``stop`` was set meanwhile."""
-    dev = next(model.parameters()).device
-    amp = pick_amp(dev, amp)
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, len(y), batch):
-            if stop is not None and stop.is_set():
-                return None
-            xb = x_uint8[i:i + batch].to(dev).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            with autocast_ctx(dev, amp):
-                logits = model(xb)
-            out.append(F.cross_entropy(logits.float(), y[i:i + batch].to(dev), reduction="none"))
-    finally:
-        model.train(was)
-    return torch.cat(out) if out else torch.empty(0, device=dev)
+    if len(y) == 0:
+        return torch.empty(0, device=next(model.parameters()).device)
+
+    def loss(m, xb, i):
+        return F.cross_entropy(m(xb).float(), y[i:i + len(xb)].to(xb.device), reduction="none")
+
+    return eval_batches(model, x_uint8, loss, batch, stop, amp)
 
 
 class _Offset(Schedule):

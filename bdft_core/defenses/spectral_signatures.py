@@ -55,11 +55,11 @@ def require_poisoned(name: str, poisoned) -> PoisonedTraining:
 
 
 @torch.no_grad()
-def penultimate_features(model, x_uint8: torch.Tensor, batch: int = 1024, stop=None,
-                         amp: str = "auto") -> torch.Tensor | None:
-    """``model.features`` of every image (float32, (N, d), on the model's device), in eval mode and
-    under the device's autocast (``amp`` as in TrainConfig); the model's mode is restored. None if
-    ``stop`` was set meanwhile."""
+@torch.no_grad()
+def eval_batches(model, x_uint8: torch.Tensor, fn, batch: int = 1024, stop=None, amp: str = "auto"):
+    """``fn(model, x_float, i)`` on each batch of ``x_uint8`` (starting at index ``i``) in eval mode,
+    under the device's autocast (``amp`` as in TrainConfig), concatenated (float32, on the model's
+    device); the model's mode is restored. None if ``stop`` was set meanwhile."""
     dev = next(model.parameters()).device
     amp = pick_amp(dev, amp)
     was = model.training
@@ -71,10 +71,19 @@ def penultimate_features(model, x_uint8: torch.Tensor, batch: int = 1024, stop=N
                 return None
             xb = x_uint8[i:i + batch].to(dev).float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with autocast_ctx(dev, amp):
-                out.append(model.features(xb).float().flatten(1))
+                out.append(fn(model, xb, i).float())
     finally:
         model.train(was)
-    return torch.cat(out) if out else torch.empty(0, 0, device=dev)
+    return torch.cat(out) if out else None
+
+
+def penultimate_features(model, x_uint8: torch.Tensor, batch: int = 1024, stop=None,
+                         amp: str = "auto") -> torch.Tensor | None:
+    """``model.features`` of every image (float32, (N, d), on the model's device), in eval mode; None
+    if ``stop`` was set meanwhile."""
+    if len(x_uint8) == 0:
+        return torch.empty(0, 0, device=next(model.parameters()).device)
+    return eval_batches(model, x_uint8, lambda m, xb, i: m.features(xb).flatten(1), batch, stop, amp)
 
 
 def spectral_scores(feats: torch.Tensor) -> torch.Tensor:
