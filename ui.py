@@ -272,3 +272,15 @@ def flagged_panel(run, d_run, n: int = 12) -> None:
         st.caption("It flagged no images.")
         return
     st.image(got[0], caption=got[1])
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def layer_choices(run_id: str) -> tuple[list[str], list[str], str]:
+    """A run's Grad-CAM layers (names, labels with map sizes) and the default, read once per run."""
+    from bdft_core import explain
+
+    run, model = store().load_model(run_id)
+    shape = (run.model["channels"], *run.model["image_size"])
+    layers = explain.conv_layers(model, shape)
+    return ([n for n, _, _ in layers], [f"{n} ({h}x{w})" for n, _, (h, w) in layers],
+            explain.default_layer(model, shape))

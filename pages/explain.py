@@ -26,12 +26,7 @@ seed = c3.number_input("Seed", 0, 10_000, 0, key="exp_seed", help="Which test im
 layer = None
 if explain.METHODS[method].uses_layer:
     try:
-        _, model = ui.store().load_model(run_id)
-        run = ui.store().get(run_id)
-        shape = (run.model["channels"], *run.model["image_size"])
-        layers = [f"{name} ({h}x{w})" for name, _, (h, w) in explain.conv_layers(model, shape)]
-        default = explain.default_layer(model, shape)
-        names = [s.split(" ")[0] for s in layers]
+        names, layers, default = ui.layer_choices(run_id)
         layer = st.selectbox("Grad-CAM layer", names, index=names.index(default), key="exp_layer",
                              format_func=lambda nm: layers[names.index(nm)],
                              help="Deeper layers are more about meaning, shallower ones localise better; the default "
