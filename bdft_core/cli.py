@@ -1,4 +1,4 @@
-"""Command line: ``python -m bdft_core {attack,defend,demo,runs} ...``.
+"""Command line: ``python -m bdft_core {attack,defend,compare,explain,sequela,demo,sweep,runs} ...``.
 
 With ``--json`` a command prints exactly one JSON object as the last line of stdout (progress goes
 to stderr). Bad input exits with status 2 and a one-line reason on stderr, never a traceback."""
@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="assets/encoder_cifar10.safetensors", help="weights (.safetensors); a .json record goes beside")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("sweep", help="run (or resume) a grid of experiments from a grid file, every cell a stored run")
+    p.add_argument("--grid", default=None, help="grid file (.json or .toml; see README 'What-if sweeps')")
+    p.add_argument("--show", default=None, metavar="NAME", help="print a stored sweep's results without running")
+    p.add_argument("--list", action="store_true", help="list stored sweeps")
+    p.add_argument("--estimate", action="store_true", help="only count the cells and estimate the time")
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "process"],
+                   help="auto: Ray when installed, else a local process pool")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--csv", default=None, help="also write the results table as CSV here")
+    p.add_argument("--html", default=None, help="also write an HTML report (heat map, line plot, table) here")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("runs", help="list, show or delete stored runs")
     p.add_argument("action", choices=["list", "show", "delete"])
     p.add_argument("run_id", nargs="?")
@@ -188,6 +200,8 @@ def _dispatch(a) -> int:
         return _runs(a, RunStore(a.runs_dir))
     if a.cmd == "pretrain-encoder":
         return _pretrain_encoder(a)
+    if a.cmd == "sweep":
+        return _sweep(a, RunStore(a.runs_dir))
     cbs = _progress_printer(quiet=False)
     stop = threading.Event()
     if a.cmd == "attack":
@@ -312,6 +326,71 @@ def _runs(a, store) -> int:
     removed = store.delete(a.run_id)
     _emit({"deleted": removed}, a.json, "deleted " + ", ".join(removed))
     return 0
+
+
+def _sweep(a, store) -> int:
+    """Run or resume a sweep; print its cells' results. Exit 1 when some cells failed (the others are
+    kept; running the same grid again retries only the missing ones)."""
+    from .sweeps import SweepSpec, estimate, list_sweeps, load_spec, run_sweep, sweep_rows
+
+    if a.list:
+        rows = list_sweeps(store)
+        _emit({"sweeps": rows}, a.json, "\n".join(f"{r['name']:30s} {r['done']}/{r['cells']} cells  axes: "
+                                                  f"{', '.join(r['axes'])}" for r in rows) or "no sweeps stored yet")
+        return 0
+    if bool(a.grid) == bool(a.show):
+        raise BdftError("give a grid file (--grid FILE) to run, or --show NAME for a stored sweep's results")
+    spec = SweepSpec.load(a.grid) if a.grid else load_spec(store, a.show)
+    est = estimate(spec, store, address=a.address)
+    if a.estimate:
+        _emit(est, a.json, f"{est['cells']} cells ({est['done']} done): {est['trainings_to_run']} poisoned trainings "
+                           f"and {est['defenses_to_run']} defenses to run, {est['parallel']} at a time: about "
+                           f"{est['seconds'] / 60:.1f} min ({est['basis']})")
+        return 0
+    res = None
+    if a.grid:
+        print(f"sweep {spec.name}: {est['cells']} cells, {est['done']} already done; about {est['seconds'] / 60:.1f} min "
+              f"({est['basis']})", file=sys.stderr, flush=True)
+        stop = threading.Event()
+        try:
+            res = run_sweep(spec, store, executor=a.executor, address=a.address, stop=stop,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+    rows = sweep_rows(store, spec)
+    axes = list(spec.axes)
+    if a.csv or a.html:
+        from pathlib import Path
+
+        from .sweeps.figures import default_views, heatmap_figure, html_report, lines_figure, rows_csv
+
+        if a.csv:
+            Path(a.csv).write_text(rows_csv(rows, axes))
+        if a.html:
+            v = default_views(axes, rows)
+            figs = []
+            if any(r["status"] == "finished" for r in rows):
+                if v.get("x") and v.get("y"):
+                    figs.append(heatmap_figure(rows, v["x"], v["y"], v["metric"], where=v.get("where"), axes=axes))
+                if v.get("line_x"):
+                    figs.append(lines_figure(rows, v["line_x"], v["metric"], group=v.get("group"), spread=v.get("spread"),
+                                             where=v.get("line_where"), axes=axes))
+            Path(a.html).write_text(html_report(f"bdft sweep {spec.name}", spec.to_dict(), rows, axes, figs))
+    obj = {"name": spec.name, "cells": len(rows), "done": sum(r["status"] == "finished" for r in rows),
+           "axes": axes, "rows": rows, "estimate": est}
+    if res is not None:
+        obj.update({k: v for k, v in res.to_json().items() if k not in ("name", "cells")})
+    lines = [f"sweep {spec.name}: {obj['done']}/{obj['cells']} cells done"
+             + (f"; ran {len(res.ran)}, reused {len(res.reused)}, failed {len(res.failed)} on {res.where or 'nothing'} "
+                f"in {res.seconds:.0f} s" if res else "")]
+    for r in rows:
+        vals = ", ".join(f"{k}={r[k]}" for k in axes)
+        lines.append(f"  {vals}: " + (f"poisoned ASR {_fmt(r['poisoned_asr'])} -> ASR {_fmt(r['asr'])}, CA "
+                                      f"{_fmt(r['clean_acc'])}" if r["status"] == "finished" else r["status"]))
+    lines += [f"  FAILED {f['values']}: {f['error']}" for f in (res.failed if res else [])]
+    _emit(obj, a.json, "\n".join(lines))
+    return 1 if res is not None and res.failed else 0
 
 
 def _pretrain_encoder(a) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import time
@@ -173,6 +174,10 @@ class RunStore:
                 "run": json.dumps(run.to_json(), default=_json_default)}
         _atomic_write_bytes(d / "model.safetensors", st_save(state_for_saving(model), metadata=meta))
         _atomic_write_bytes(d / "run.json", json.dumps(run.to_json(), indent=1, default=_json_default).encode())
+        self._index(run)
+        return run
+
+    def _index(self, run: Run) -> None:
         summary = {"attack": run.attack.get("name"), "defense": (run.defense or {}).get("name"),
                    "model": run.model.get("name"), "device": run.device,
                    "paradigm": run.config.get("paradigm", "standalone"),
@@ -182,6 +187,38 @@ class RunStore:
                        (run.id, run.kind, run.parent, run.created, run.dataset, run.name, run.status,
                         run.final.get("clean_acc"), run.final.get("asr"), run.timings.get("total_s"),
                         json.dumps(summary)))
+
+    # -- moving runs between stores (sweep cells computed elsewhere) ------------------------------
+    def export_run(self, run_id: str) -> dict[str, bytes]:
+        """Every file of a stored run, by name: what :meth:`import_run` needs to re-create it in
+        another store (a sweep's cell computed on another process or machine)."""
+        self.get(run_id)
+        return {p.name: p.read_bytes() for p in sorted(self.path(run_id).iterdir())
+                if p.is_file() and _exportable(p.name)}
+
+    def import_run(self, files: dict[str, bytes]) -> Run:
+        """Store a run exported by :meth:`export_run` (weights checked to be safetensors, never
+        unpickled; file names limited to a run's own). Importing the same run twice is harmless."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load
+
+        if "run.json" not in files or "model.safetensors" not in files:
+            raise CheckpointError("an exported run needs run.json and model.safetensors")
+        bad = [n for n in files if not _exportable(n)]
+        if bad:
+            raise CheckpointError(f"unexpected file {bad[0]!r} in an exported run")
+        try:
+            run = Run.from_json(json.loads(files["run.json"]))
+            st_load(bytes(files["model.safetensors"]))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError, SafetensorError, ValueError) as exc:
+            raise CheckpointError(f"an exported run is unreadable ({exc})") from None
+        d = self.path(run.id)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():  # the record last: the index row follows it
+            if name != "run.json":
+                _atomic_write_bytes(d / name, bytes(data))
+        _atomic_write_bytes(d / "run.json", bytes(files["run.json"]))
+        self._index(run)
         return run
 
     # -- reading -------------------------------------------------------------------------------
@@ -287,11 +324,19 @@ class RunStore:
         with closing(self._db()) as db:
             known = {r[0] for r in db.execute("SELECT id FROM runs")}
         gone = []
-        for d in self.root.iterdir():
-            if d.is_dir() and d.name not in known:
+        for d in self.root.iterdir():  # only run folders: sweeps/ and triggers/ live here too
+            if d.is_dir() and d.name not in known and _RUN_ID.fullmatch(d.name):
                 shutil.rmtree(d, ignore_errors=True)
                 gone.append(d.name)
         return gone
+
+
+_RUN_ID = re.compile(r"\d{8}-\d{6}-[a-z_]+-[0-9a-f]{6}")
+
+
+def _exportable(name: str) -> bool:
+    return name in ("run.json", "model.safetensors", "artefacts.safetensors") or (
+        name.endswith(".json") and name[:-5].isidentifier())
 
 
 def _json_default(o):

@@ -111,3 +111,28 @@ def test_results_and_artefacts_kept_with_a_run(stored):
         store.save_result(run.id, "../evil", {})
     with pytest.raises(RunNotFound):
         store.save_result("nope", "sequela", {})
+
+
+def test_export_import_moves_a_run_between_stores(stored, tmp_path):
+    """A sweep cell computed elsewhere arrives as files and becomes an ordinary run here."""
+    store, run = stored[0], stored[1]
+    files = store.export_run(run.id)
+    assert {"run.json", "model.safetensors"} <= set(files)
+    other = RunStore(tmp_path / "other")
+    got = other.import_run(files)
+    assert got.id == run.id and [r["id"] for r in other.list()] == [run.id]
+    assert other.load_model(run.id)[0].final == run.final
+    other.import_run(files)  # twice: still one run
+    assert len(other.list()) == 1
+    with pytest.raises(CheckpointError, match="unexpected file"):
+        other.import_run({**files, "../evil.py": b"x"})
+    with pytest.raises(CheckpointError, match="unreadable"):
+        other.import_run({**files, "model.safetensors": b"\x80\x04pickle"})
+
+
+def test_gc_keeps_sweeps_and_trigger_folders(tmp_path):
+    store = RunStore(tmp_path / "r")
+    for name in ("sweeps", "triggers", "20260101-000000-attack-abc123"):
+        (store.root / name).mkdir()
+    assert store.gc() == ["20260101-000000-attack-abc123"]
+    assert (store.root / "sweeps").is_dir() and (store.root / "triggers").is_dir()

@@ -1,0 +1,261 @@
+"""A sweep's grid: what varies, what stays fixed, and the cells it expands to.
+
+A grid file (JSON, or TOML for hand-writing) holds::
+
+    name = "poison-vs-budget"      # the sweep's name: rerunning the same name resumes it
+    defense = "sft"                # fixed settings for every cell (each may also be an axis)
+    clean_fraction = 0.2
+    threads_per_cell = 1           # CPU threads per cell task (GPU machines: one GPU per cell)
+
+    [base]                         # the poisoned training: AttackConfig fields (an axis overrides them)
+    dataset = "digits"
+    attack = "badnets"
+
+    [defense_params]               # optional: settings of the defense(s), by name
+    sft = {epochs = 2.0}
+
+    [axes]                         # what varies: every combination is one cell
+    poison_rate = [0.05, 0.2]
+    clean_fraction = [0.05, 0.2]
+    defense = ["ft", "sft"]
+    seed = [0, 1]
+
+Axis names: any :class:`~bdft_core.pipeline.AttackConfig` field (``attack``, ``poison_rate``,
+``paradigm``, ``seed``, ``lr`` -- the attack training's learning rate --, ``epochs``, ``target``,
+...), ``trigger.<setting>`` for the attack's own settings (``trigger.size``, ``trigger.alpha``),
+``paradigm.<setting>`` for the paradigm's, ``defense`` (a registered name or ``"none"``: the
+poisoned model as it is), ``clean_fraction`` and ``defense.<setting>`` (``defense.lr``: the
+fine-tuning learning rate).
+
+Cells are identified by content: a cell's key hashes everything that decides its result, so a
+sweep extended with a new seed or a new poison rate reuses every cell it already has.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+# settings of AttackConfig a grid may not touch: they do not change the result, or are per machine
+_NOT_AXES = {"device", "eval_every", "params", "paradigm_params", "model_kwargs"}
+NONE = "none"  # the "defense" that leaves the poisoned model as it is
+MAX_CELLS = 2000
+
+
+def _attack_fields() -> set[str]:
+    from ..pipeline import AttackConfig
+
+    return {f.name for f in fields(AttackConfig)} - _NOT_AXES
+
+
+def axis_kind(name: str) -> str:
+    """Which part of a cell an axis sets: "attack" (the poisoned training), "trigger" and "paradigm"
+    (their settings), "defense", "clean_fraction" or "defense_param"."""
+    if name in ("defense", "clean_fraction"):
+        return name
+    if name.startswith("trigger."):
+        return "trigger"
+    if name.startswith("paradigm."):
+        return "paradigm"
+    if name.startswith("defense."):
+        return "defense_param"
+    if name in _attack_fields():
+        return "attack"
+    raise ConfigError(f"unknown sweep axis {name!r}: use a training setting ({', '.join(sorted(_attack_fields()))}), "
+                      "'trigger.<setting>', 'paradigm.<setting>', 'defense', 'clean_fraction' or 'defense.<setting>'")
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Cell:
+    """One experiment of the grid: a poisoned training (shared with the cells that differ only in
+    the defense) and a defense applied to it."""
+
+    key: str
+    values: dict[str, Any]  # axis -> value, in grid order
+    attack: dict[str, Any]  # an AttackConfig as a dict
+    attack_key: str
+    defense: str  # registry name or "none"
+    defense_params: dict[str, Any]
+    clean_fraction: float
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)
+    defense: str = "sft"
+    clean_fraction: float = 0.2
+    defense_params: dict[str, dict] = field(default_factory=dict)
+    threads_per_cell: int = 1
+    gpus_per_cell: float | None = None  # None: one GPU per cell where GPUs exist, else none
+
+    # -- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, default_name: str | None = None) -> "SweepSpec":
+        if not isinstance(d, dict):
+            raise ConfigError("a sweep grid must be a JSON object / TOML table")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown grid setting(s) {', '.join(sorted(unknown))}: a grid has "
+                              f"{', '.join(sorted(known))}")
+        d = dict(d)
+        d.setdefault("name", default_name or "sweep")
+        for k in ("base", "axes", "defense_params"):
+            if not isinstance(d.get(k, {}), dict):
+                raise ConfigError(f"grid setting {k!r} must be a table of settings")
+        return cls(**d).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepSpec":
+        """Read a grid file: ``.json`` or ``.toml`` (never executed, never unpickled)."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"grid file not found: {p}")
+        if p.stat().st_size > 1_000_000:
+            raise ConfigError(f"grid file {p} is larger than 1 MB; a grid is a few lines of settings")
+        text = p.read_text(errors="replace")
+        try:
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                d = tomllib.loads(text)
+            else:
+                d = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"grid file {p.name} is not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: "
+                              f"{exc}") from None
+        return cls.from_dict(d, default_name=p.stem)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # -- checking ----------------------------------------------------------------------------------
+    def validate(self) -> "SweepSpec":
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}", str(self.name)):
+            raise ConfigError(f"sweep name {self.name!r}: use 1-80 letters, digits, '-', '_' or '.'")
+        if not self.axes:
+            raise ConfigError("the grid has no axes: give at least one setting with a list of values under 'axes'")
+        for name, vals in self.axes.items():
+            axis_kind(name)
+            if not isinstance(vals, list) or not vals:
+                raise ConfigError(f"axis {name!r} needs a non-empty list of values, got {vals!r}")
+            if len({json.dumps(v, sort_keys=True) for v in vals}) != len(vals):
+                raise ConfigError(f"axis {name!r} repeats a value: {vals}")
+        if "defense" in self.base or "clean_fraction" in self.base:
+            raise ConfigError("'defense' and 'clean_fraction' are set at the top level of the grid, not in 'base'")
+        if not (isinstance(self.threads_per_cell, int) and 1 <= self.threads_per_cell <= 256):
+            raise ConfigError(f"threads_per_cell must be a whole number from 1 to 256, got {self.threads_per_cell!r}")
+        if self.gpus_per_cell is not None and not 0 <= float(self.gpus_per_cell) <= 8:
+            raise ConfigError(f"gpus_per_cell must be from 0 to 8, got {self.gpus_per_cell!r}")
+        n = self.n_cells
+        if n > MAX_CELLS:
+            raise ConfigError(f"the grid has {n} cells; at most {MAX_CELLS} (split it into several sweeps)")
+        self.cells()  # every setting checked before anything runs
+        return self
+
+    @property
+    def n_cells(self) -> int:
+        return math.prod(len(v) for v in self.axes.values())
+
+    # -- expanding ----------------------------------------------------------------------------------
+    def cells(self) -> list[Cell]:
+        """Every combination of the axes, in grid order (the last axis varies fastest), each with
+        its settings checked (unknown attack, defense or setting, values out of range)."""
+        from ..defenses import build_defense
+        from ..pipeline import AttackConfig
+
+        names = list(self.axes)
+        out, seen_attack = [], {}
+        for combo in itertools.product(*(self.axes[n] for n in names)):
+            values = dict(zip(names, combo))
+            attack = {**self.base, "params": dict(self.base.get("params") or {}),
+                      "paradigm_params": dict(self.base.get("paradigm_params") or {})}
+            defense, clean_fraction = self.defense, self.clean_fraction
+            dparams: dict[str, Any] = {}
+            for n, v in values.items():
+                kind = axis_kind(n)
+                if kind == "attack":
+                    attack[n] = v
+                elif kind == "trigger":
+                    attack["params"][n[len("trigger."):]] = v
+                elif kind == "paradigm":
+                    attack["paradigm_params"][n[len("paradigm."):]] = v
+                elif kind == "defense":
+                    defense = v
+                elif kind == "clean_fraction":
+                    clean_fraction = v
+                else:
+                    dparams[n[len("defense."):]] = v
+            defense = str(defense).strip().lower()
+            try:
+                cfg = AttackConfig.from_dict(attack).validate()
+            except TypeError as exc:
+                raise ConfigError(f"bad training setting in the grid: {exc}") from None
+            akey = _key(cfg.__dict__)
+            if akey not in seen_attack:
+                seen_attack[akey] = _check_attack(cfg)
+            if defense == NONE:
+                if dparams:
+                    raise ConfigError(f"defense 'none' has no settings, but the grid sets {', '.join(dparams)}")
+                dp = {}
+            else:
+                dp = {**(self.defense_params.get(defense) or {}), **dparams}
+                try:
+                    build_defense(defense, **dp)  # unknown settings: "defense sft has no parameter(s) lr; it takes ..."
+                except TypeError as exc:
+                    raise ConfigError(f"defense {defense!r}: {exc}") from None
+                from ..data import check_clean_fraction
+
+                check_clean_fraction(clean_fraction)
+            cell_content = {"attack": cfg.__dict__, "defense": defense, "defense_params": dp,
+                            "clean_fraction": float(clean_fraction) if defense != NONE else None}
+            out.append(Cell(_key(cell_content), values, dict(cfg.__dict__), akey, defense, dp, float(clean_fraction)))
+        keys = [c.key for c in out]
+        if len(set(keys)) != len(keys):  # e.g. clean_fraction as an axis with defense "none" only
+            raise ConfigError("some cells of the grid are the same experiment (an axis that does not matter for "
+                              "them, such as clean_fraction or defense settings with defense 'none'); remove it")
+        return out
+
+    def attack_units(self) -> dict[str, list[Cell]]:
+        """The distinct poisoned trainings, each with the cells that share it."""
+        units: dict[str, list[Cell]] = {}
+        for c in self.cells():
+            units.setdefault(c.attack_key, []).append(c)
+        return units
+
+
+def _check_attack(cfg) -> bool:
+    """Build the attack on the dataset's shape once per distinct training: bad trigger settings
+    (a patch larger than the image, an unknown setting) fail before anything runs."""
+    import torch
+
+    from ..attacks import build_attack
+    from ..pipeline import get_dataset
+
+    data = get_dataset(cfg.dataset, torch.device("cpu"))
+    try:
+        build_attack(cfg.attack, data.image_shape, data.num_classes, target=cfg.target, mode=cfg.mode, seed=cfg.seed,
+                     **cfg.params)
+    except TypeError as exc:
+        raise ConfigError(f"attack {cfg.attack!r}: {exc}") from None
+    if cfg.target >= data.num_classes:
+        raise ConfigError(f"target {cfg.target} is not a class of {cfg.dataset} ({data.num_classes} classes)")
+    if not 0 <= float(cfg.poison_rate) <= 1:
+        raise ConfigError(f"poison rate must be within [0, 1], got {cfg.poison_rate}")
+    return True
+
+
+__all__ = ["Cell", "NONE", "SweepSpec", "axis_kind"]

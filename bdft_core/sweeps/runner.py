@@ -1,0 +1,682 @@
+"""Running a sweep: every cell a task, through Ray (or a local process pool without it), every
+result an ordinary stored run, and a sweep that can be stopped, killed and resumed.
+
+Execution. Each distinct poisoned training is one task; each (training, defense) cell is another
+that takes the training's result as its input, so a grid of 2 poison rates x 2 clean budgets x 2
+defenses trains 2 poisoned models and applies 8 defenses. With Ray the defense tasks are submitted
+at once with the training's object reference as an argument, and Ray runs each when its input is
+ready, on whichever node has the resources it asks for (``threads_per_cell`` CPUs, or one GPU);
+without Ray a local process pool runs the same task functions. Results reach the caller as each
+task finishes (``on_cell``).
+
+Storage. A task works in a private temporary run store and returns its runs' files (record,
+safetensors weights); the caller imports them into its own :class:`~bdft_core.runs.RunStore`. So
+cells computed on another machine of a cluster land in the local store like any other run, and only
+one process writes the local index. The sweep keeps, under ``<runs dir>/sweeps/<name>/``::
+
+    sweep.json             the grid and a log of executions
+    attacks/<key>.json     a finished poisoned training: its run id and figures
+    cells/<key>.json       a finished cell: its runs and figures
+
+written atomically, each record before the runs it names are imported. Resuming (running the same
+grid name again) keeps every record whose runs are in the store and runs only the rest; a record
+whose runs never made it (a kill between the two writes) is dropped and its cell rerun, so no cell
+is ever stored twice. Cells are keyed by content, so a grid extended with new values reuses the
+cells it already has.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import BdftError, ConfigError
+from .grid import NONE, Cell, SweepSpec
+
+EXECUTORS = ("auto", "ray", "process")
+# Seconds one poisoned training takes on one CPU thread of a small machine, for estimates before any
+# run of the dataset is stored (measured on the 2-core CI machine with the default epochs).
+FIRST_GUESS_S = {"digits": 4.0, "cifar10": 110.0, "gtsrb": 120.0, "svhn": 150.0, "mnist": 60.0, "fashion_mnist": 90.0}
+DEFENSE_SHARE = 0.5  # a fine-tuning defense costs about half a poisoned training (before any is stored)
+
+
+# --------------------------------------------------------------------------------------------
+# Task functions (run in Ray workers or pool processes; module level so they pickle by name)
+# --------------------------------------------------------------------------------------------
+
+def _task_env(threads: int) -> None:
+    os.environ["BDFT_THREADS"] = str(int(threads))
+    from ..device import setup_threads
+
+    setup_threads(int(threads))
+
+
+def attack_task(cfg: dict, threads: int = 1) -> dict:
+    """Train one poisoned model (every paradigm: a transfer training also stores its victims) in a
+    private run store; return the runs' files and the figures of the run defenses start from."""
+    from ..pipeline import AttackConfig, run_attack
+    from ..runs import RunStore
+
+    _task_env(threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bdft-cell-") as d:
+        store = RunStore(d)
+        run, _ = run_attack(AttackConfig.from_dict(dict(cfg)), store=store)
+        runs = {r["id"]: store.export_run(r["id"]) for r in store.list()}
+    return {"run_id": run.id, "runs": runs, "clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
+            "seconds": time.perf_counter() - t0, "status": run.status, "device": run.device,
+            "host": socket.gethostname()}
+
+
+def defense_task(parent: dict, defense: str, params: dict, clean_fraction: float, threads: int = 1) -> dict:
+    """Apply one defense to a poisoned model (``parent``: what :func:`attack_task` returned) in a
+    private run store; return the defended run's files and figures."""
+    from ..pipeline import run_defense
+    from ..runs import RunStore
+
+    _task_env(threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bdft-cell-") as d:
+        store = RunStore(d)
+        for files in parent["runs"].values():
+            store.import_run(files)
+        run, _ = run_defense(parent["run_id"], defense, params=params, clean_fraction=clean_fraction, store=store)
+        files = store.export_run(run.id)
+    return {"run_id": run.id, "runs": {run.id: files}, "clean_acc": run.final.get("clean_acc"),
+            "asr": run.final.get("asr"), "seconds": time.perf_counter() - t0, "status": run.status,
+            "device": run.device, "host": socket.gethostname()}
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep's own records
+# --------------------------------------------------------------------------------------------
+
+def sweeps_dir(store) -> Path:
+    return Path(store.root) / "sweeps"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from ..runs import _atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # unreadable records count as missing: the cell is simply run again
+
+
+class SweepRecords:
+    """The files of one sweep under ``<runs dir>/sweeps/<name>/``."""
+
+    def __init__(self, store, name: str):
+        self.store = store
+        self.root = sweeps_dir(store) / name
+
+    def spec(self) -> dict | None:
+        return (_read_json(self.root / "sweep.json") or {}).get("spec")
+
+    def meta(self) -> dict:
+        return _read_json(self.root / "sweep.json") or {}
+
+    def write_meta(self, meta: dict) -> None:
+        _write_json(self.root / "sweep.json", meta)
+
+    def attack(self, key: str) -> dict | None:
+        return _read_json(self.root / "attacks" / f"{key}.json")
+
+    def cell(self, key: str) -> dict | None:
+        return _read_json(self.root / "cells" / f"{key}.json")
+
+    def put_attack(self, key: str, rec: dict) -> None:
+        _write_json(self.root / "attacks" / f"{key}.json", rec)
+
+    def put_cell(self, key: str, rec: dict) -> None:
+        _write_json(self.root / "cells" / f"{key}.json", rec)
+
+    def drop(self, kind: str, key: str) -> None:
+        (self.root / kind / f"{key}.json").unlink(missing_ok=True)
+
+    def _has_runs(self, *ids) -> bool:
+        from ..errors import RunNotFound
+
+        for rid in ids:
+            if rid is None:
+                continue
+            try:
+                self.store.get(rid)
+            except (RunNotFound, BdftError):
+                return False
+        return True
+
+    def valid_attack(self, key: str) -> dict | None:
+        rec = self.attack(key)
+        if rec and self._has_runs(rec.get("run_id")):
+            return rec
+        if rec:
+            self.drop("attacks", key)
+        return None
+
+    def valid_cell(self, key: str) -> dict | None:
+        rec = self.cell(key)
+        if rec and self._has_runs(rec.get("attack_run"), rec.get("defense_run")):
+            return rec
+        if rec:
+            self.drop("cells", key)
+        return None
+
+
+def list_sweeps(store) -> list[dict]:
+    """Stored sweeps, newest first: name, cells in the grid, cells done, last update."""
+    out = []
+    root = sweeps_dir(store)
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        meta = _read_json(d / "sweep.json")
+        if not meta or "spec" not in meta:
+            continue
+        try:
+            spec = SweepSpec.from_dict(meta["spec"])
+            keys = {c.key for c in spec.cells()}
+        except BdftError:
+            continue
+        done = sum(1 for p in (d / "cells").glob("*.json") if p.stem in keys)
+        out.append({"name": d.name, "cells": len(keys), "done": done, "updated": meta.get("updated", 0.0),
+                    "axes": list(spec.axes)})
+    return sorted(out, key=lambda r: r["updated"], reverse=True)
+
+
+def load_spec(store, name: str) -> SweepSpec:
+    rec = SweepRecords(store, name)
+    d = rec.spec()
+    if d is None:
+        raise ConfigError(f"no stored sweep named {name!r} in {sweeps_dir(store)}")
+    return SweepSpec.from_dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Results as rows (the figures and exports read these)
+# --------------------------------------------------------------------------------------------
+
+def _row(cell: Cell, rec: dict | None) -> dict:
+    row: dict[str, Any] = {**cell.values, "cell": cell.key}
+    if rec is None:
+        row.update({k: None for k in ("poisoned_clean_acc", "poisoned_asr", "clean_acc", "asr", "clean_acc_change",
+                                      "asr_change", "seconds", "attack_seconds", "attack_run", "defense_run")})
+        row["status"] = "missing"
+        return row
+    pca, pasr = rec["poisoned"].get("clean_acc"), rec["poisoned"].get("asr")
+    ca, asr = rec["defended"].get("clean_acc"), rec["defended"].get("asr")
+    row.update({"poisoned_clean_acc": pca, "poisoned_asr": pasr, "clean_acc": ca, "asr": asr,
+                "clean_acc_change": None if ca is None or pca is None else ca - pca,
+                "asr_change": None if asr is None or pasr is None else asr - pasr,
+                "seconds": rec["defended"].get("seconds"), "attack_seconds": rec["poisoned"].get("seconds"),
+                "attack_run": rec.get("attack_run"), "defense_run": rec.get("defense_run"), "status": "finished"})
+    return row
+
+
+def sweep_rows(store, spec: SweepSpec) -> list[dict]:
+    """One row per cell of the grid, in grid order: the axis values, the poisoned model's and the
+    defended model's CA and ASR, changes, seconds and run ids (status "missing" for cells not run)."""
+    rec = SweepRecords(store, spec.name)
+    return [_row(c, rec.cell(c.key)) for c in spec.cells()]
+
+
+# --------------------------------------------------------------------------------------------
+# Estimates
+# --------------------------------------------------------------------------------------------
+
+def slots_for(spec: SweepSpec, address: str | None = None) -> int:
+    """How many cells run at once on this machine (a cluster: unknown until connected; 1 assumed)."""
+    if address:
+        return 1
+    gpus = _local_gpus()
+    if gpus and spec.gpus_per_cell != 0:
+        return max(1, int(gpus // max(spec.gpus_per_cell or 1, 1e-9)))
+    return max(1, _local_cpus() // spec.threads_per_cell)
+
+
+def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
+    """Cells, trainings and defenses still to run, and a wall-time estimate: from the median time of
+    the stored runs of the same dataset (and defense) when there are some, else from first guesses
+    for a small CPU machine; divided by the cells that run at once."""
+    from ..pipeline import DEFAULT_EPOCHS
+
+    rec = SweepRecords(store, spec.name) if store is not None else None
+    units = spec.attack_units()
+    todo_units = [k for k in units if not (rec and rec.attack(k))]
+    todo_cells = [c for cs in units.values() for c in cs if c.defense != NONE and not (rec and rec.cell(c.key))]
+    rows = store.list() if store is not None else []
+    basis = "stored runs"
+
+    def median(kind, dataset, name=None):
+        vals = [r["seconds"] for r in rows if r["kind"] == kind and r["dataset"] == dataset and r.get("seconds")
+                and r.get("status") == "finished" and (name is None or r.get("name") == name)]
+        return statistics.median(vals) if vals else None
+
+    total, guessed = 0.0, False
+    for k in todo_units:
+        cfg = units[k][0].attack
+        ds = str(cfg["dataset"])
+        s = median("attack", ds)
+        if s is None:
+            guessed = True
+            epochs = cfg.get("epochs") or DEFAULT_EPOCHS.get(ds, 4.0)
+            s = FIRST_GUESS_S.get(ds, 60.0) * epochs / DEFAULT_EPOCHS.get(ds, epochs)
+            if cfg.get("n_train"):
+                s *= min(1.0, cfg["n_train"] / 50000)
+            s /= max(1, spec.threads_per_cell) ** 0.7  # threads help, less than linearly
+        total += s
+        for c in units[k]:
+            if c in todo_cells:
+                d = median("defense", ds, c.defense)
+                if d is None:
+                    guessed = True
+                    d = DEFENSE_SHARE * s
+                total += d
+    for c in todo_cells:  # defenses of trainings already done
+        if c.attack_key not in todo_units:
+            d = median("defense", str(c.attack["dataset"]), c.defense)
+            if d is None:
+                guessed = True
+                d = DEFENSE_SHARE * (median("attack", str(c.attack["dataset"])) or FIRST_GUESS_S.get(str(c.attack["dataset"]), 60.0))
+            total += d
+    slots = slots_for(spec, address)
+    if guessed:
+        basis = "first guesses for a small CPU machine" if not rows else "stored runs where there are some, first guesses elsewhere"
+    n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.cell(c.key)))
+    return {"cells": spec.n_cells, "done": n_done, "trainings": len(units), "trainings_to_run": len(todo_units),
+            "defenses_to_run": len(todo_cells), "parallel": slots, "seconds": total / slots, "basis": basis}
+
+
+def _local_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Back ends: Ray, or a local process pool
+# --------------------------------------------------------------------------------------------
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+class _RayBackend:
+    name = "ray"
+
+    def __init__(self, spec: SweepSpec, address: str | None):
+        import ray
+
+        self.ray = ray
+        self.owned = False
+        gpus_local = _local_gpus()
+        gpc = spec.gpus_per_cell if spec.gpus_per_cell is not None else (1 if (gpus_local or address) else 0)
+        if address and spec.gpus_per_cell is None:
+            gpc = 0  # on a cluster, ask for GPUs explicitly (gpus_per_cell = 1)
+        env = {k: v for k, v in os.environ.items() if k.startswith("BDFT_") and k not in ("BDFT_THREADS", "BDFT_RUNS_DIR")}
+        if not ray.is_initialized():
+            try:
+                if address:
+                    # the cluster runs this checkout's code (assets included), not whatever it has installed
+                    runtime_env = {"working_dir": str(_project_root()), "env_vars": env,
+                                   "excludes": [".venv", ".git", "**/__pycache__", "runs", "tests", "bench"]}
+                    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+                else:
+                    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_project_root()), os.environ.get("PYTHONPATH"))
+                                                        if p)
+                    ray.init(num_cpus=_local_cpus(), num_gpus=gpus_local, include_dashboard=False,
+                             object_store_memory=min(2 * 1024 ** 3, max(100 * 1024 ** 2, 50 * 1024 ** 2 * spec.n_cells)),
+                             runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False,
+                             logging_level="ERROR")
+            except Exception as exc:  # ConnectionError, timeouts, bad address, ...
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise ConfigError(f"could not start or reach {where}: {exc}".split("\n")[0]) from None
+            self.owned = True
+        res = ray.cluster_resources()
+        self.where = f"Ray cluster at {address}" if address else "local Ray instance"
+        self.resources = {"CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0), "nodes": len(ray.nodes())}
+        if gpc and res.get("GPU", 0) < gpc:
+            raise ConfigError(f"each cell asks for {gpc} GPU but {self.where} has {res.get('GPU', 0):g}")
+        if spec.threads_per_cell > res.get("CPU", 0) and not gpc:
+            raise ConfigError(f"each cell asks for {spec.threads_per_cell} CPU threads but {self.where} has "
+                              f"{res.get('CPU', 0):g} CPUs")
+        opts = {"num_cpus": spec.threads_per_cell if not gpc else 1, "num_gpus": gpc, "max_retries": 0}
+        self.threads = spec.threads_per_cell
+        self._attack = ray.remote(attack_task).options(**opts)
+        self._defense = ray.remote(defense_task).options(**opts)
+        self.pending: dict[Any, tuple] = {}
+
+    def submit_attack(self, tag, cfg: dict):
+        ref = self._attack.remote(cfg, self.threads)
+        self.pending[ref] = tag
+        return ref
+
+    def put(self, payload: dict):
+        return self.ray.put(payload)
+
+    def submit_defense(self, tag, parent, cell: Cell):
+        ref = self._defense.remote(parent, cell.defense, cell.defense_params, cell.clean_fraction, self.threads)
+        self.pending[ref] = tag
+        return ref
+
+    def wait(self, timeout: float) -> list[tuple]:
+        if not self.pending:
+            return []
+        done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        out = []
+        for ref in done:
+            tag = self.pending.pop(ref)
+            try:
+                out.append((tag, self.ray.get(ref), None))
+            except Exception as exc:
+                out.append((tag, None, _reason(exc)))
+        return out
+
+    def cancel(self) -> None:
+        for ref in list(self.pending):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+def _pool_init(gpu_ids) -> None:  # pragma: no cover - runs in the pool's processes
+    if gpu_ids is not None:
+        try:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get_nowait())
+        except Exception:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+class _PoolBackend:
+    """The same tasks on a local process pool (fresh "spawn" processes, each reused for many cells):
+    what runs where Ray is not installed."""
+
+    name = "process"
+
+    def __init__(self, spec: SweepSpec):
+        import multiprocessing as mp
+        import queue as _q
+
+        ctx = mp.get_context("spawn")
+        gpus = _local_gpus() if spec.gpus_per_cell != 0 else 0
+        gpu_q = None
+        if gpus:
+            n = gpus
+            gpu_q = ctx.Manager().Queue()
+            for i in range(gpus):
+                gpu_q.put(i)
+        else:
+            n = max(1, _local_cpus() // spec.threads_per_cell)
+        self.threads = spec.threads_per_cell
+        self.pool = ctx.Pool(n, initializer=_pool_init, initargs=(gpu_q,))
+        self.where = f"local process pool ({n} processes)"
+        self.resources = {"CPU": _local_cpus(), "GPU": gpus, "nodes": 1}
+        self.events: _q.Queue = _q.Queue()
+        self.n_pending = 0
+
+    def _submit(self, tag, fn, args):
+        self.n_pending += 1
+        self.pool.apply_async(fn, args, callback=lambda r: self.events.put((tag, r, None)),
+                              error_callback=lambda e: self.events.put((tag, None, _reason(e))))
+
+    def submit_attack(self, tag, cfg: dict):
+        self._submit(tag, attack_task, (cfg, self.threads))
+        return tag
+
+    def put(self, payload: dict):
+        return payload
+
+    def submit_defense(self, tag, parent, cell: Cell):
+        self._submit(tag, defense_task, (parent, cell.defense, cell.defense_params, cell.clean_fraction, self.threads))
+        return tag
+
+    def wait(self, timeout: float) -> list[tuple]:
+        import queue as _q
+
+        if not self.n_pending:
+            return []
+        try:
+            item = self.events.get(timeout=timeout)
+        except _q.Empty:
+            return []
+        self.n_pending -= 1
+        return [item]
+
+    def cancel(self) -> None:
+        self.pool.terminate()
+        self.n_pending = 0
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+def _reason(exc: BaseException) -> str:
+    """The user-facing reason of a failed task (Ray wraps the original exception)."""
+    cause = getattr(exc, "cause", None) or exc
+    msg = str(cause).strip().splitlines()
+    text = msg[-1] if msg else type(cause).__name__
+    if isinstance(cause, BdftError):
+        return text
+    return f"{type(cause).__name__}: {text}"
+
+
+def pick_backend(spec: SweepSpec, executor: str = "auto", address: str | None = None):
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}: use {', '.join(EXECUTORS)}")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if executor == "process":
+        if address:
+            raise ConfigError("a Ray address was given, but the executor is 'process' (local only); use 'ray'")
+        return _PoolBackend(spec)
+    if not ray_available():
+        if executor == "ray" or address:
+            raise ConfigError("Ray is not installed here: `pip install ray` (or run the sweep with the local "
+                              "process pool: executor 'process')")
+        return _PoolBackend(spec)
+    return _RayBackend(spec, address)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    name: str
+    cells: int
+    ran: list[str] = field(default_factory=list)  # cell keys computed by this execution
+    reused: list[str] = field(default_factory=list)  # cell keys found finished
+    failed: list[dict] = field(default_factory=list)  # {"cell", "values", "error"}
+    trainings_ran: int = 0
+    executor: str = ""
+    where: str = ""
+    resources: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    stopped: bool = False
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str | None = None,
+              on_cell: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run (or resume) a sweep: every missing cell, as tasks through Ray or a process pool; each
+    finished cell is recorded and its runs imported into ``store`` as it arrives, and reported to
+    ``on_cell(row)``. ``stop`` (a threading.Event) cancels what is still running, keeping what
+    finished. Failed cells are listed in the result (their error) and left missing, to be run again
+    by the next call."""
+    from ..runs import RunStore
+
+    store = store or RunStore()
+    spec.validate()
+    t0 = time.perf_counter()
+    say = log or (lambda msg: None)
+    rec = SweepRecords(store, spec.name)
+    old = rec.meta()
+    if old.get("spec") and old["spec"] != spec.to_dict():
+        say(f"sweep {spec.name!r}: the grid changed; cells it shares with the stored one are reused")
+    meta = {"spec": spec.to_dict(), "created": old.get("created", time.time()), "updated": time.time(),
+            "executions": old.get("executions", [])}
+    rec.write_meta(meta)
+
+    units = spec.attack_units()
+    res = SweepResult(spec.name, spec.n_cells)
+    todo: dict[str, list[Cell]] = {}
+    for akey, cells in units.items():
+        for c in cells:
+            if rec.valid_cell(c.key):
+                res.reused.append(c.key)
+            else:
+                todo.setdefault(akey, []).append(c)
+    if res.reused:
+        say(f"sweep {spec.name!r}: {len(res.reused)} of {spec.n_cells} cells already finished; running the other "
+            f"{spec.n_cells - len(res.reused)}")
+    if not todo:
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    backend = pick_backend(spec, executor, address)
+    res.executor, res.where, res.resources = backend.name, backend.where, backend.resources
+    say(f"sweep {spec.name!r}: {sum(map(len, todo.values()))} cells on {backend.where}")
+    payloads: dict[str, Any] = {}  # attack key -> its payload (or a Ray reference to it)
+    attack_rec: dict[str, dict] = {}
+
+    def finish_cell(c: Cell, a: dict, d: dict | None) -> None:
+        poisoned = {"clean_acc": a.get("clean_acc"), "asr": a.get("asr"), "seconds": a.get("seconds")}
+        r = {"key": c.key, "values": c.values, "attack_key": c.attack_key, "attack_run": a["run_id"],
+             "defense_run": d["run_id"] if d else None, "poisoned": poisoned,
+             "defended": ({"clean_acc": d["clean_acc"], "asr": d["asr"], "seconds": d["seconds"]} if d else
+                          {"clean_acc": a.get("clean_acc"), "asr": a.get("asr"), "seconds": 0.0}),
+             "host": (d or a).get("host"), "device": (d or a).get("device"), "finished": time.time()}
+        rec.put_cell(c.key, r)  # the record first: a kill before the import drops it on resume
+        if d:
+            for files in d["runs"].values():
+                store.import_run(files)
+        res.ran.append(c.key)
+        if on_cell:
+            on_cell(_row(c, r))
+
+    def fail(c: Cell, error: str) -> None:
+        res.failed.append({"cell": c.key, "values": c.values, "error": error})
+        say(f"cell {c.values} failed: {error}")
+
+    def start_defenses(akey: str, parent) -> None:
+        for c in todo[akey]:
+            if c.defense != NONE:
+                backend.submit_defense(("defense", akey, c.key), parent, c)
+
+    try:
+        for akey, cells in todo.items():
+            a = rec.valid_attack(akey)
+            if a is not None:  # the poisoned model exists: only its defenses are missing
+                attack_rec[akey] = a
+                payload = {**a, "runs": _export_chain(store, a["run_id"])}
+                payloads[akey] = backend.put(payload)
+                for c in cells:
+                    if c.defense == NONE:
+                        finish_cell(c, a, None)
+                start_defenses(akey, payloads[akey])
+            else:
+                ref = backend.submit_attack(("attack", akey, None), cells[0].attack)
+                if backend.name == "ray":  # Ray starts each defense when the training's result exists
+                    payloads[akey] = ref
+                    start_defenses(akey, ref)
+        cells_by_key = {c.key: c for cs in todo.values() for c in cs}
+        while True:
+            if stop is not None and stop.is_set():
+                backend.cancel()
+                res.stopped = True
+                break
+            events = backend.wait(timeout=0.5)
+            if not events and not _busy(backend):
+                break
+            for (kind, akey, ckey), out, error in events:
+                if kind == "attack":
+                    if error is not None:
+                        for c in todo[akey]:  # with Ray its defense tasks fail too: counted once, here
+                            fail(c, f"its poisoned training failed: {error}")
+                        continue
+                    a = {k: v for k, v in out.items() if k != "runs"}
+                    rec.put_attack(akey, a)
+                    for files in out["runs"].values():
+                        store.import_run(files)
+                    res.trainings_ran += 1
+                    attack_rec[akey] = a
+                    say(f"poisoned training {akey}: CA {a['clean_acc']:.3f} ASR {a['asr']:.3f} ({a['seconds']:.0f} s)")
+                    for c in todo[akey]:
+                        if c.defense == NONE:
+                            finish_cell(c, a, None)
+                    if backend.name != "ray":
+                        start_defenses(akey, out)
+                else:
+                    c = cells_by_key[ckey]
+                    if error is not None:
+                        if not any(f["cell"] == ckey for f in res.failed):
+                            fail(c, error)
+                        continue
+                    finish_cell(c, attack_rec[akey], out)
+                    say(f"cell {c.values}: CA {out['clean_acc']:.3f} ASR {out['asr']:.3f}")
+    except BaseException:
+        backend.cancel()
+        raise
+    finally:
+        backend.close()
+        res.seconds = time.perf_counter() - t0
+        meta["updated"] = time.time()
+        meta["executions"] = (meta["executions"] + [{
+            "started": meta["updated"] - res.seconds, "seconds": res.seconds, "executor": res.executor,
+            "where": res.where, "ran": len(res.ran), "reused": len(res.reused), "failed": len(res.failed),
+            "stopped": res.stopped}])[-50:]
+        rec.write_meta(meta)
+    return res
+
+
+def _busy(backend) -> bool:
+    return bool(backend.pending) if backend.name == "ray" else backend.n_pending > 0
+
+
+def _export_chain(store, run_id: str) -> dict:
+    """A stored run and the runs it descends from (a victim's attacker), exported."""
+    out, rid = {}, run_id
+    while rid and rid not in out:
+        out[rid] = store.export_run(rid)
+        rid = store.get(rid).parent
+    return dict(reversed(list(out.items())))
+
+
+__all__ = ["EXECUTORS", "SweepRecords", "SweepResult", "attack_task", "defense_task", "estimate", "list_sweeps",
+           "load_spec", "pick_backend", "ray_available", "run_sweep", "sweep_rows", "sweeps_dir"]

@@ -1,0 +1,218 @@
+"""Sweeps: grid files, cells, execution through a local Ray instance and a process pool, resuming
+after a kill, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bdft_core.errors import ConfigError
+from bdft_core.runs import RunStore
+from bdft_core.sweeps import SweepSpec, estimate, list_sweeps, run_sweep, sweep_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {"name": "digits-222", "base": {"dataset": "digits", "attack": "badnets"},
+        "axes": {"poison_rate": [0.05, 0.2], "clean_fraction": [0.05, 0.2], "defense": ["ft", "sft"]}}
+
+
+def spec(**over):
+    return SweepSpec.from_dict({**json.loads(json.dumps(GRID)), **over})
+
+
+# -- grid files and cells ---------------------------------------------------------------------------
+
+def test_cells_expand_in_grid_order_and_share_trainings():
+    s = spec()
+    cells = s.cells()
+    assert s.n_cells == len(cells) == 8
+    assert [c.values for c in cells[:3]] == [{"poison_rate": 0.05, "clean_fraction": 0.05, "defense": "ft"},
+                                              {"poison_rate": 0.05, "clean_fraction": 0.05, "defense": "sft"},
+                                              {"poison_rate": 0.05, "clean_fraction": 0.2, "defense": "ft"}]
+    assert cells[0].attack["poison_rate"] == 0.05 and cells[0].clean_fraction == 0.05
+    units = s.attack_units()
+    assert len(units) == 2 and sorted(map(len, units.values())) == [4, 4]  # 2 poisoned trainings, 4 defenses each
+    assert len({c.key for c in cells}) == 8
+
+
+def test_cell_keys_are_content_so_an_extended_grid_reuses_cells():
+    a = {c.key for c in spec().cells()}
+    b = spec(axes={**GRID["axes"], "poison_rate": [0.05, 0.2, 0.3]}).cells()
+    assert a < {c.key for c in b} and len(b) == 12
+    renamed = {c.key for c in spec(name="other").cells()}
+    assert renamed == a  # the name is where results live, not what they are
+
+
+def test_trigger_and_defense_settings_axes():
+    s = spec(axes={"trigger.size": [2, 3], "defense.lr": [0.01, 0.02]}, defense="ft")
+    cells = s.cells()
+    assert [c.attack["params"] for c in cells] == [{"size": 2}, {"size": 2}, {"size": 3}, {"size": 3}]
+    assert [c.defense_params for c in cells] == [{"lr": 0.01}, {"lr": 0.02}] * 2
+    assert len(s.attack_units()) == 2
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"axes": {}}, "no axes"),
+    ({"axes": {"colour": [1, 2]}}, "unknown sweep axis 'colour'"),
+    ({"axes": {"poison_rate": []}}, "non-empty list"),
+    ({"axes": {"poison_rate": [0.1, 0.1]}}, "repeats a value"),
+    ({"axes": {"poison_rate": [0.1, 1.5]}}, "poison rate"),
+    ({"axes": {"clean_fraction": [0.0, 0.2]}}, "clean fraction"),
+    ({"axes": {"defense": ["ft", "magic"]}}, "unknown defense 'magic'"),
+    ({"axes": {"attack": ["badnets", "nope"]}}, "unknown attack 'nope'"),
+    ({"axes": {"trigger.size": [3, 40]}}, "larger than"),
+    ({"axes": {"defense": ["ft", "sft"], "defense.lr": [0.01]}}, "sft has no parameter.*lr"),
+    ({"axes": {"clean_fraction": [0.1, 0.2], "defense": ["none"]}}, "same experiment"),
+    ({"axes": {"seed": [0]}, "colour": 1}, "unknown grid setting"),
+    ({"axes": {"seed": [0]}, "name": "../etc"}, "sweep name"),
+    ({"axes": {"seed": [0]}, "threads_per_cell": 0}, "threads_per_cell"),
+])
+def test_bad_grids_say_what_is_wrong(over, reason):
+    with pytest.raises(ConfigError, match=reason):
+        spec(**over)
+
+
+def test_grid_files_json_and_toml(tmp_path):
+    toml = tmp_path / "g.toml"
+    toml.write_text('defense = "sft"\n[base]\ndataset = "digits"\n[axes]\npoison_rate = [0.05, 0.2]\nseed = [0, 1]\n')
+    s = SweepSpec.load(toml)
+    assert s.name == "g" and s.n_cells == 4 and s.defense == "sft"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        SweepSpec.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        SweepSpec.load(tmp_path / "missing.json")
+
+
+def test_estimate_before_any_run_counts_cells_and_guesses():
+    e = estimate(spec(), RunStore())
+    assert (e["cells"], e["done"], e["trainings_to_run"], e["defenses_to_run"]) == (8, 0, 2, 8)
+    assert e["basis"].startswith("first guesses") and e["seconds"] > 0
+
+
+# -- running through Ray ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_sweep(tmp_path_factory):
+    pytest.importorskip("ray")
+    store = RunStore(tmp_path_factory.mktemp("sweep") / "runs")
+    seen = []
+    res = run_sweep(spec(), store, executor="ray", on_cell=seen.append)
+    return store, res, seen
+
+
+def test_ray_sweep_runs_every_cell_as_stored_runs(ray_sweep):
+    store, res, seen = ray_sweep
+    assert res.executor == "ray" and res.where == "local Ray instance" and not res.failed
+    assert len(res.ran) == 8 and res.trainings_ran == 2 and res.reused == []
+    assert len(seen) == 8 and all(r["status"] == "finished" for r in seen)  # each cell reported as it finished
+    rows = sweep_rows(store, spec())
+    assert len(store.list(kind="attack")) == 2 and len(store.list(kind="defense")) == 8
+    for r in rows:  # every cell is an ordinary run, its figures those of the stored run
+        d = store.get(r["defense_run"])
+        assert d.parent == r["attack_run"] and d.defense["name"] == r["defense"]
+        assert d.config["clean_fraction"] == r["clean_fraction"]
+        assert d.final["asr"] == pytest.approx(r["asr"]) and d.final["clean_acc"] == pytest.approx(r["clean_acc"])
+        assert store.get(r["attack_run"]).attack["poison_rate"] == r["poison_rate"]
+        assert r["poisoned_asr"] > 0.9  # the backdoor works in every poisoned model
+    mean = lambda name: sum(r["asr"] for r in rows if r["defense"] == name) / 4  # noqa: E731
+    assert mean("sft") < mean("ft") - 0.3  # the paper's finding, visible on digits too
+    assert list_sweeps(store)[0] | {"updated": 0} == {"name": "digits-222", "cells": 8, "done": 8, "updated": 0,
+                                                      "axes": ["poison_rate", "clean_fraction", "defense"]}
+
+
+def test_rerunning_a_finished_sweep_runs_nothing(ray_sweep):
+    store, res, _ = ray_sweep
+    again = run_sweep(spec(), store, executor="ray")
+    assert again.ran == [] and sorted(again.reused) == sorted(res.ran) and again.executor == ""
+    assert len(store.list(kind="defense")) == 8
+    e = estimate(spec(), store)
+    assert e["done"] == 8 and e["seconds"] == 0
+
+
+def test_process_pool_gives_the_same_cells_and_stops_cleanly(ray_sweep, tmp_path):
+    """Without Ray the same tasks run on a process pool: same cell keys, same figures; a stop keeps
+    the finished cells and the next call runs only the rest."""
+    ray_store = ray_sweep[0]
+    sub = spec(name="pool", axes={"poison_rate": [0.2], "clean_fraction": [0.2], "defense": ["ft", "sft", "none"]})
+    store = RunStore(tmp_path / "pool")
+    stop = threading.Event()
+    first = run_sweep(sub, store, executor="process", on_cell=lambda row: stop.set(), stop=stop)
+    assert first.stopped and first.executor == "process" and 1 <= len(first.ran) < 3
+    second = run_sweep(sub, store, executor="process")
+    assert sorted(second.reused) == sorted(first.ran) and sorted(first.ran + second.ran) == sorted(c.key for c in sub.cells())
+    by_key = {r["cell"]: r for r in sweep_rows(ray_store, spec())}
+    for r in sweep_rows(store, sub):
+        if r["defense"] == "none":  # the poisoned model itself, no defense run
+            assert r["defense_run"] is None and r["asr"] == r["poisoned_asr"]
+            continue
+        ref = by_key[r["cell"]]  # the same experiment, computed by Ray in the other store
+        assert r["asr"] == pytest.approx(ref["asr"], abs=1e-6) and r["clean_acc"] == pytest.approx(ref["clean_acc"], abs=1e-6)
+
+
+# -- resuming after a kill -------------------------------------------------------------------------
+
+def _cli(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "bdft_core", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_sweep_resumes_with_only_the_missing_cells(tmp_path):
+    pytest.importorskip("ray")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**GRID, "name": "killme"}))
+    env = {**os.environ, "BDFT_RUNS_DIR": str(tmp_path / "runs"), "BDFT_THREADS": "1"}
+    cells_dir = tmp_path / "runs" / "sweeps" / "killme" / "cells"
+    p = _cli(["sweep", "--grid", str(grid), "--json"], env, start_new_session=True)
+    t_end = time.monotonic() + 300
+    try:
+        while time.monotonic() < t_end and p.poll() is None:
+            if len(list(cells_dir.glob("*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, f"the sweep ended before it could be killed: {p.communicate()[1][-2000:]}"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver, its local Ray instance and the workers
+        p.wait()
+    done = {f.stem: f.read_bytes() for f in cells_dir.glob("*.json")}
+    assert 2 <= len(done) < 8
+    r = _cli(["sweep", "--grid", str(grid), "--json"], env)
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err[-2000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    all_keys = {c.key for c in spec(name="killme").cells()}
+    store = RunStore(tmp_path / "runs")
+    valid = set(res["reused"])  # a record whose runs never landed (killed between the two writes) is redone
+    assert valid <= set(done) and len(valid) >= len(done) - 1
+    assert set(res["ran"]) == all_keys - valid  # only the missing cells ran
+    for k in valid:  # finished cells untouched
+        assert (cells_dir / f"{k}.json").read_bytes() == done[k]
+    assert res["done"] == 8 and all(row["status"] == "finished" for row in res["rows"])
+    defended = store.list(kind="defense")
+    assert len(defended) == 8 and {d["id"] for d in defended} == {row["defense_run"] for row in res["rows"]}
+    assert len(store.list(kind="attack")) == 2  # each result present once
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def test_cli_sweep_estimate_and_bad_grid(tmp_path):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps(GRID))
+    env = {**os.environ, "BDFT_RUNS_DIR": str(tmp_path / "runs")}
+    r = subprocess.run([sys.executable, "-m", "bdft_core", "sweep", "--grid", str(grid), "--estimate", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    est = json.loads(r.stdout.strip().splitlines()[-1])
+    assert est["cells"] == 8 and est["trainings_to_run"] == 2 and est["defenses_to_run"] == 8
+    grid.write_text(json.dumps({**GRID, "axes": {"defense": ["ft", "magic"]}}))
+    r = subprocess.run([sys.executable, "-m", "bdft_core", "sweep", "--grid", str(grid), "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown defense 'magic'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "bdft_core", "sweep"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--grid FILE" in r.stderr
