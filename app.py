@@ -12,6 +12,7 @@ pages = [
     st.Page("pages/defense_lab.py", title="Defense lab", icon=":material/shield:"),
     st.Page("pages/explain.py", title="Explain", icon=":material/visibility:"),
     st.Page("pages/sequela.py", title="Sequela", icon=":material/radar:"),
+    st.Page("pages/sweeps.py", title="Sweeps", icon=":material/grid_on:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/table_chart:"),
 ]
 page = st.navigation(pages)

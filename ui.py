@@ -196,6 +196,12 @@ def _render_job(j, key: str) -> None:
                 st.caption(f"Whole job: {r['seconds']:.0f} s. Every model is stored: compare or export them "
                            "on the Runs page.")
             st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
+        elif r and j.kind == "sweep":
+            st.success(f"Sweep {r['name']}: {len(r['ran'])} cell(s) run on {r['where'] or 'nothing (all were done)'}, "
+                       f"{len(r['reused'])} already finished, in {r['seconds']:.0f} s. Each cell is a stored run "
+                       "(Runs page).")
+            for f in r.get("failed", []):
+                st.error(f"cell {f['values']} failed: {f['error']} (left missing: resume to retry it)")
         elif r and j.kind == "sequela":
             st.success(f"Sequela measured in {r['seconds']:.0f} s and kept with run `{r['run_id']}`.")
         elif r and j.kind == "pretrain":
@@ -208,7 +214,9 @@ def _render_job(j, key: str) -> None:
             c2.metric("Attack success rate (ASR)", figures.pct(r.get("asr")), help=figures.CAPTIONS["asr"])
             c3.metric("Seconds", f"{r.get('seconds') or 0:.1f}")
             st.caption(f"Stored as run `{r['run_id']}`: defend it in the Defense lab.")
-        if j.status == "stopped":
+        if j.status == "stopped" and j.kind == "sweep":
+            st.warning("Stopped: the finished cells are kept; resume the sweep to run only the missing ones.")
+        elif j.status == "stopped":
             st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
                        + (", ".join(j.run_ids) or "none"))
 

@@ -14,6 +14,10 @@ Kinds of job (``submit(kind, **params)``):
 - ``"demo"``: ``config``, ``defenses``, ``clean_fraction``: the whole story.
 - ``"pretrain"``: ``dataset``, ``epochs``, ``out`` (and other :func:`bdft_core.ssl.pretrain_encoder`
   settings): a clean SimCLR encoder for the encoder paradigm.
+- ``"sequela"``: ``run_id``, ``axes``: the sequela of a poisoned run and its defended children.
+- ``"sweep"``: ``spec`` (a grid as a dict), ``executor``, ``address``: run or resume a sweep
+  (:func:`bdft_core.sweeps.run_sweep`); progress counts finished cells, whose results are on disk
+  as they arrive (:func:`bdft_core.sweeps.sweep_rows`).
 
 Jobs live in the server process (a browser refresh finds them again); their results are
 ordinary runs in the :class:`~bdft_core.runs.RunStore`."""
@@ -34,7 +38,7 @@ from .errors import BdftError, ConfigError
 
 log = logging.getLogger("bdft.jobs")
 
-KINDS = ("attack", "defend", "demo", "pretrain", "sequela")
+KINDS = ("attack", "defend", "demo", "pretrain", "sequela", "sweep")
 ACTIVE = ("queued", "running")
 LIVE_EVALS = 20  # live CA/ASR points per training stage in the dashboard
 LIVE_SAMPLES = 500  # test images per live evaluation (final figures use the whole test set)
@@ -110,6 +114,8 @@ def stage_title(stage: str | None) -> str:
         return "SimCLR pretraining"
     if stage == "sequela":
         return "sequela measurements"
+    if stage == "sweep":
+        return "sweep cells"
     if stage == "probe":
         return "linear probes"
     if stage == "clean_probe":
@@ -228,6 +234,13 @@ class JobManager:
             self.store.get(params["run_id"])
             check_axes(params.get("axes"))
             return ["sequela"]
+        if kind == "sweep":
+            from .sweeps import EXECUTORS, SweepSpec
+
+            params["spec"] = SweepSpec.from_dict(params.get("spec") or {}).to_dict()
+            if params.get("executor", "auto") not in EXECUTORS:
+                raise ConfigError(f"unknown executor {params.get('executor')!r}: use {', '.join(EXECUTORS)}")
+            return ["sweep"]
         if kind == "pretrain":
             if not str(params.get("out", "")).endswith(".safetensors"):
                 raise ConfigError("the encoder file must end in .safetensors")
@@ -329,6 +342,29 @@ class JobManager:
 
             res = sequela_run(self.store, p["run_id"], axes=p.get("axes"), stop=stop, progress=progress)
             return {"run_id": res["run_id"], "seconds": res["total_seconds"], "stopped": res["stopped"]}
+        if job.kind == "sweep":
+            from .sweeps import SweepSpec, run_sweep
+
+            spec = SweepSpec.from_dict(p["spec"])
+            self._set_stage(job, "sweep")
+            self._update(job, progress={"fraction": 0.0, "message": "starting the workers and the first cells"})
+            t0, done = time.perf_counter(), [0]
+
+            def on_cell(row):
+                done[0] += 1
+                el = time.perf_counter() - t0
+                frac = done[0] / max(1, todo)
+                with self._lock:
+                    job.progress = {"fraction": frac, "elapsed_s": el, "eta_s": el / frac * (1 - frac),
+                                    "message": f"{done[0]} of {todo} cells finished this time"}
+
+            from .sweeps import SweepRecords
+
+            rec = SweepRecords(self.store, spec.name)
+            todo = sum(1 for c in spec.cells() if rec.cell(c.key) is None)
+            res = run_sweep(spec, self.store, executor=p.get("executor", "auto"), address=p.get("address") or None,
+                            on_cell=on_cell, stop=stop)
+            return {"name": spec.name, **{k: v for k, v in res.to_json().items() if k != "name"}}
         if job.kind == "pretrain":
             from .ssl import pretrain_encoder
 

@@ -329,3 +329,29 @@ def test_attack_lab_says_a_learned_trigger_has_no_preview(app):
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert any("learns its trigger from the training data" in i.value for i in app.info)
     assert not app.button(key="atk_train").disabled
+
+
+def test_sweeps_page_defines_runs_and_plots_a_grid(app):
+    _page(app, "sweeps")
+    assert any("No sweep yet" in i.value for i in app.info)
+    app.text_input(key="sw_rates").set_value("0.05, abc").run()
+    assert any("'abc' is not a number" in e.value for e in app.error)
+    assert app.button(key="sw_start").disabled
+    app.text_input(key="sw_name").set_value("page-test")
+    app.text_input(key="sw_rates").set_value("0.05, 0.2")
+    app.text_input(key="sw_budgets").set_value("0.2")
+    app.selectbox(key="sw_executor").set_value("ray").run()
+    assert not app.error, [e.value for e in app.error]
+    assert any("**4 cells**" in i.value and "2 poisoned trainings" in i.value for i in app.info)
+    app.button(key="sw_start").click().run()
+    seen = _wait(app, timeout=300)
+    assert "finished" in seen[-1]
+    app.run()
+    assert any("4 cell(s) run on local Ray instance" in s.value for s in app.success)
+    assert app.selectbox(key="sw_pick").value == "page-test"
+    table = app.dataframe[-1].value
+    assert len(table) == 4 and set(table["defense"]) == {"ft", "sft"}
+    assert len(app.get("plotly_chart")) >= 2  # the heat map and the line plot
+    app.selectbox(key="sw_metric").set_value("clean_acc").run()
+    assert not app.exception
+    assert not any(b.label.startswith("Resume") for b in app.button)  # nothing missing

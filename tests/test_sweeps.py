@@ -216,3 +216,37 @@ def test_cli_sweep_estimate_and_bad_grid(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bdft_core", "sweep"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--grid FILE" in r.stderr
+
+
+def test_sweep_on_a_ray_cluster_given_its_address(tmp_path):
+    """The cluster path: a separate Ray head (`ray start`), reached through RAY_ADDRESS; the code travels
+    as the job's working_dir and the cells' runs come back into the local store."""
+    pytest.importorskip("ray")
+    import shutil
+    import socket
+
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import secrets
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # the cluster's token
+    start = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        grid = tmp_path / "g.json"
+        sub = {**GRID, "name": "on-cluster", "axes": {"poison_rate": [0.2], "clean_fraction": [0.2],
+                                                      "defense": ["ft", "sft"]}}
+        grid.write_text(json.dumps(sub))
+        r = subprocess.run([sys.executable, "-m", "bdft_core", "sweep", "--grid", str(grid), "--json"], cwd=ROOT,
+                           env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "BDFT_RUNS_DIR": str(tmp_path / "runs")},
+                           capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["where"] == f"Ray cluster at 127.0.0.1:{port}" and len(res["ran"]) == 2 and res["done"] == 2
+        store = RunStore(tmp_path / "runs")
+        assert {row["defense_run"] for row in res["rows"]} == {d["id"] for d in store.list(kind="defense")}
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -237,6 +237,82 @@ class SweepSpec:
         return units
 
 
+def parse_values(text: str, what: str, kind: type = float) -> list:
+    """A comma-separated list typed by a person ("0.05, 0.1, 0.2") as numbers, with a clear error."""
+    out = []
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = kind(float(part)) if kind is int else kind(part)
+        except ValueError:
+            raise ConfigError(f"{what}: {part!r} is not a number (give values separated by commas, e.g. 0.05, 0.2)") \
+                from None
+        if kind is int and float(part) != int(float(part)):
+            raise ConfigError(f"{what}: {part!r} is not a whole number")
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{what}: a value is repeated")
+    return out
+
+
+def grid_from_choices(name: str, dataset: str, attacks: list[str], poison_rates: list[float],
+                      defenses: list[str], clean_fractions: list[float], seeds: int = 1,
+                      paradigms: list[str] | None = None, trigger: tuple[str, list] | None = None,
+                      defense_lrs: list[float] | None = None, attack_lrs: list[float] | None = None,
+                      epochs: float | None = None, n_train: int | None = None, threads_per_cell: int = 1) -> dict:
+    """A grid (as :meth:`SweepSpec.from_dict` reads it) from a form's choices: poison rate, defense
+    and clean fraction are always axes (one value is fine); attack, paradigm, trigger setting, seed
+    and learning rates become axes when more than one value is chosen."""
+    if not attacks:
+        raise ConfigError("pick at least one attack")
+    if not defenses:
+        raise ConfigError("pick at least one defense (or 'none': the poisoned model as it is)")
+    for what, vals in (("poison rates", poison_rates), ("clean fractions", clean_fractions)):
+        if not vals:
+            raise ConfigError(f"give at least one value for the {what}")
+    if not 1 <= int(seeds) <= 20:
+        raise ConfigError(f"seeds: from 1 to 20, got {seeds}")
+    base: dict[str, Any] = {"dataset": dataset}
+    axes: dict[str, list] = {}
+
+    def put(key, vals, base_key=None):
+        vals = list(vals or [])
+        if len(vals) > 1:
+            axes[key] = vals
+        elif vals:
+            base[base_key or key] = vals[0]
+
+    put("attack", attacks)
+    put("paradigm", paradigms or ["standalone"])
+    if trigger and trigger[0] and trigger[1]:
+        vals = list(trigger[1])
+        if len(vals) > 1:
+            axes[f"trigger.{trigger[0]}"] = vals
+        else:
+            base["params"] = {trigger[0]: vals[0]}
+    axes["poison_rate"] = list(poison_rates)
+    put("lr", attack_lrs)
+    if epochs:
+        base["epochs"] = float(epochs)
+    if n_train:
+        base["n_train"] = int(n_train)
+    if int(seeds) > 1:
+        axes["seed"] = list(range(int(seeds)))
+    axes["defense"] = list(defenses)
+    if all(d == NONE for d in defenses):
+        clean_fractions = clean_fractions[:1]
+    axes["clean_fraction"] = list(clean_fractions)
+    grid = {"name": name, "base": base, "axes": axes, "threads_per_cell": int(threads_per_cell)}
+    if defense_lrs:
+        if len(defense_lrs) > 1:
+            axes["defense.lr"] = list(defense_lrs)
+        else:
+            grid["defense_params"] = {d: {"lr": defense_lrs[0]} for d in defenses if d != NONE}
+    return grid
+
+
 def _check_attack(cfg) -> bool:
     """Build the attack on the dataset's shape once per distinct training: bad trigger settings
     (a patch larger than the image, an unknown setting) fail before anything runs."""
@@ -258,4 +334,4 @@ def _check_attack(cfg) -> bool:
     return True
 
 
-__all__ = ["Cell", "NONE", "SweepSpec", "axis_kind"]
+__all__ = ["Cell", "NONE", "SweepSpec", "axis_kind", "grid_from_choices", "parse_values"]

@@ -356,7 +356,12 @@ class _RayBackend:
                              logging_level="ERROR")
             except Exception as exc:  # ConnectionError, timeouts, bad address, ...
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                raise ConfigError(f"could not start or reach {where}: {exc}".split("\n")[0]) from None
+                hint = ""
+                if address and not os.environ.get("RAY_AUTH_MODE"):
+                    hint = (" (if the cluster uses token authentication, the default of `ray start`, set "
+                            "RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+                raise ConfigError(f"could not start or reach {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                                  f"{hint}") from None
             self.owned = True
         res = ray.cluster_resources()
         self.where = f"Ray cluster at {address}" if address else "local Ray instance"
