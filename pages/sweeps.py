@@ -11,8 +11,8 @@ from bdft_core import figures
 from bdft_core.attacks import ATTACKS
 from bdft_core.defenses import DEFENSES
 from bdft_core.pipeline import PARADIGMS
-from bdft_core.sweeps import (NONE, SweepSpec, estimate, grid_from_choices, list_sweeps, load_spec, parse_values,
-                              ray_available, sweep_rows)
+from bdft_core.sweeps import (NONE, SweepRecords, SweepSpec, estimate, grid_from_choices, list_sweeps, load_spec,
+                              parse_values, ray_available, sweep_rows)
 from bdft_core.sweeps import figures as sf
 
 st.title("What-if sweeps")
@@ -23,7 +23,8 @@ st.caption("Ask how a result changes with the settings, for example how the atta
            "stopped or crashed sweep resumes with only its missing cells.")
 
 store = ui.store()
-with st.expander("Define a grid", expanded=not list_sweeps(store) or "sw_job" not in st.session_state):
+sweeps = {s["name"]: s for s in list_sweeps(store)}  # read once per rerun
+with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.session_state):
     c1, c2 = st.columns(2)
     name = c1.text_input("Sweep name", value=f"sweep-{datetime.date.today():%Y%m%d}", key="sw_name",
                          help="Results are kept under this name; running the same name again resumes it")
@@ -100,7 +101,6 @@ if job_id is None:
     job_id = latest.id if latest else None
 ui.job_panel(job_id, key="sw")
 
-sweeps = {s["name"]: s for s in list_sweeps(store)}
 job = ui.jobs().get(job_id) if job_id else None
 running = job.params["spec"]["name"] if job and job.active else None
 names = list(sweeps) + ([running] if running and running not in sweeps else [])
@@ -118,7 +118,7 @@ if pick in sweeps:
 def results() -> None:
     if live and not ui.jobs().get(job_id).active:
         st.rerun()  # the sweep ended: leave the polling fragment, redraw with the job's summary
-    if live and pick not in {s["name"] for s in list_sweeps(store)}:
+    if live and SweepRecords(store, pick).spec() is None:
         st.caption("The sweep is starting: its cells appear here as they finish.")
         return
     try:

@@ -148,14 +148,12 @@ class SweepRecords:
         (self.root / kind / f"{key}.json").unlink(missing_ok=True)
 
     def _has_runs(self, *ids) -> bool:
-        from ..errors import RunNotFound
-
         for rid in ids:
             if rid is None:
                 continue
             try:
                 self.store.get(rid)
-            except (RunNotFound, BdftError):
+            except BdftError:  # not found, or an unreadable record
                 return False
         return True
 
@@ -403,6 +401,9 @@ class _RayBackend:
                 out.append((tag, None, _reason(exc)))
         return out
 
+    def busy(self) -> bool:
+        return bool(self.pending)
+
     def cancel(self) -> None:
         for ref in list(self.pending):
             try:
@@ -478,6 +479,9 @@ class _PoolBackend:
             return []
         self.n_pending -= 1
         return [item]
+
+    def busy(self) -> bool:
+        return self.n_pending > 0
 
     def cancel(self) -> None:
         self.pool.terminate()
@@ -627,7 +631,7 @@ def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str 
                 res.stopped = True
                 break
             events = backend.wait(timeout=0.5)
-            if not events and not _busy(backend):
+            if not events and not backend.busy():
                 break
             for (kind, akey, ckey), out, error in events:
                 if kind == "attack":
@@ -668,10 +672,6 @@ def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str 
             "stopped": res.stopped}])[-50:]
         rec.write_meta(meta)
     return res
-
-
-def _busy(backend) -> bool:
-    return bool(backend.pending) if backend.name == "ray" else backend.n_pending > 0
 
 
 def _export_chain(store, run_id: str) -> dict:
