@@ -89,7 +89,7 @@ class FastNet(BackdoorModel):
     def fit_data(self, x_uint8: torch.Tensor, eps: float = 5e-4) -> None:
         """Set input statistics, then the whitening filters from the covariance of 2x2 patches."""
         super().fit_data(x_uint8)
-        x = self.norm(x_uint8[:5000].float() / 255.0)
+        x = self.norm(x_uint8[:5000].to(self.norm.mean.device).float() / 255.0)  # data and model may differ in device
         c = x.shape[1]
         patches = x.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, c * 4).double()
         patches = patches - patches.mean(0)
