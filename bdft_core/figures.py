@@ -182,7 +182,10 @@ def paradigm_rows(result: dict) -> list[dict]:
                           ("victim_head", f"victim on {result.get('downstream')}: new head only"),
                           ("victim_full", f"victim on {result.get('downstream')}: whole model trained")):
             if key in result:
-                rows.append({"model": what, "CA": pct(result[key].get("clean_acc")), "ASR": pct(result[key].get("asr"))})
+                row = {"model": what, "CA": pct(result[key].get("clean_acc")), "ASR": pct(result[key].get("asr"))}
+                if key != "attacker":
+                    row["target class recognised"] = pct(result[key].get("target_recall"))
+                rows.append(row)
     elif result.get("paradigm") == "encoder" and "clean_encoder" in result:
         ce = result["clean_encoder"]
         rows.append({"model": f"victim's probe on the clean encoder ({result.get('downstream')})",
@@ -190,6 +193,24 @@ def paradigm_rows(result: dict) -> list[dict]:
         rows.append({"model": "victim's probe on the BadEncoder encoder", "CA": pct(result["poisoned"].get("clean_acc")),
                      "ASR": pct(result["poisoned"].get("asr"))})
     return rows
+
+
+def transfer_reading(result: dict, low: float = 0.1) -> str:
+    """For a transfer result whose backdoor did not reach the victim: whether the victim's model can
+    recognise the target class at all (if not, no feature-space backdoor can steer images to it)."""
+    if result.get("paradigm") != "transfer":
+        return ""
+    v = result.get("victim_head") or {}
+    rec, asr = v.get("target_recall"), v.get("asr")
+    if rec is None or asr is None or asr > 0.5:
+        return ""
+    if rec < low:
+        return (f"The victim's new head recognises only {pct(rec, 1)} of clean test images of target class "
+                f"{result.get('target', '?')}, so the backdoor has no region of the victim's model to send triggered "
+                "images to. Choose a target class the victim's data holds many distinctive images of, or give the "
+                "attacker's model more training so its features separate that class.")
+    return (f"The victim's new head recognises {pct(rec, 1)} of clean target-class images, yet the trigger moves "
+            f"only {pct(asr, 1)} of triggered images there: the backdoor did not survive the new head.")
 
 
 def _delta(a, b) -> str:
@@ -265,7 +286,7 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
 
 __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
            "trigger_on_grey",
-           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "run_series", "schedule_figure",
+           "curves_figure", "label_of", "paradigm_rows", "transfer_reading", "pct", "residual_display", "run_series", "schedule_figure",
            "summary_rows", "to_display", "trigger_preview"]
 
 

@@ -96,6 +96,13 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     # the stored victim reopens with its downstream setting, and a defense from the store works
     s = setting_for(victim)
     assert s.data.num_classes == 5
+    # the victim's recall of the target class: its predictions on the clean target-class test images
+    _, vm = store.load_model(victim.id)
+    xt = s.data.x_test[s.data.y_test == 1]
+    with torch.no_grad():
+        want = (vm(xt.float() / 255).argmax(1) == 1).float().mean().item()
+    assert out["victim_head"]["target_recall"] == pytest.approx(want, abs=1.5 / len(xt))  # bf16 may flip a tie
+    assert victim.final["target_recall"] == out["victim_head"]["target_recall"] and out["target"] == 1
     d_run, _ = run_defense(victim.id, "ft", params={"epochs": 1.0}, clean_fraction=0.5, store=store)
     assert d_run.parent == victim.id and d_run.config["n_clean"] == round(0.5 * victim.config["n_victim"])
     assert store.delete(attacker.id)[-1] == attacker.id  # deleting the attacker takes the victims and defenses

@@ -166,3 +166,11 @@ def test_plain_words_reading_and_paradigm_rows():
                                                                                               "asr": 0.02}})
     assert [r["ASR"] for r in rows] == ["90.0%", "2.0%"] and "gtsrb" in rows[1]["model"]
     assert figures.paradigm_rows({"paradigm": "standalone"}) == []
+    res = {"paradigm": "transfer", "target": 0, "attacker": {"clean_acc": 0.7, "asr": 0.9},
+           "victim_head": {"clean_acc": 0.3, "asr": 0.002, "target_recall": 0.0}}
+    assert figures.paradigm_rows(res)[1]["target class recognised"] == "0.0%"
+    assert "recognises only 0.0% of clean test images of target class 0" in figures.transfer_reading(res)
+    res["victim_head"]["target_recall"] = 0.58
+    assert "recognises 58.0% of clean target-class images" in figures.transfer_reading(res)
+    res["victim_head"]["asr"] = 0.91  # the backdoor reached the victim: nothing to explain
+    assert figures.transfer_reading(res) == "" and figures.transfer_reading({"paradigm": "encoder"}) == ""
