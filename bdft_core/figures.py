@@ -285,9 +285,8 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
 
 
 __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
-           "trigger_on_grey",
-           "curves_figure", "label_of", "paradigm_rows", "transfer_reading", "pct", "residual_display", "run_series", "schedule_figure",
-           "summary_rows", "to_display", "trigger_preview"]
+           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "run_series", "schedule_figure",
+           "summary_rows", "to_display", "transfer_reading", "trigger_on_grey", "trigger_preview"]
 
 
 # -- comparing defenses ------------------------------------------------------------------------------
