@@ -50,3 +50,18 @@ def test_transfer_badnets_same_label_space(transfer_demo):
     assert out["defended"]["sft"]["asr"] <= 0.20 and out["defended"]["sft"]["asr"] < v["asr"]
     victim = store.get(out["run_id"])
     assert victim.kind == "victim" and victim.config["n_victim"] == 25000  # half of CIFAR-10's training set
+
+
+def test_latent_backdoor_survives_a_new_head_on_another_dataset(tmp_path):
+    """CIFAR-10 -> GTSRB with target 14 (stop): the latent backdoor, built from 50 stop signs, reaches
+    the victim who put a new head on the published model (measured: target recall 64%, ASR 96.7%), and
+    SFT on 20% of the victim's data removes it (0.0%). With target 0, a rare speed-limit sign the
+    victim's head hardly recognises (1.7%), it cannot land (README, transfer table)."""
+    real_dataset("cifar10")
+    real_dataset("gtsrb")
+    cfg = AttackConfig(dataset="cifar10", paradigm="transfer", attack="latent", downstream="gtsrb", target=14)
+    out = run_demo(cfg, defenses=("sft",), store=RunStore(tmp_path / "runs"))
+    v = out["victim_head"]
+    assert out["attacker"]["asr"] >= 0.90
+    assert v["target_recall"] >= 0.3 and v["asr"] >= 0.8
+    assert out["defended"]["sft"]["asr"] <= 0.10 and out["defended"]["sft"]["clean_acc"] > v["clean_acc"]

@@ -210,3 +210,31 @@ def test_defenses_keep_frozen_layers_frozen_and_use_paradigm_defaults(tmp_path):
     assert torch.equal(cleaned.whiten.weight, w0)
     enc = defense_defaults("encoder", "sft")
     assert enc["max_lr1"] < defense_defaults("standalone", "sft")["max_lr1"] and enc["phase1"] == 0.4
+
+
+def test_latent_loss_sees_triggered_and_reference_images_in_one_batch():
+    """Features through a training-mode batch norm. The trigger turns every image into the reference
+    image, so triggered and reference features are equal and the loss is exactly 0, but only when
+    all images are normalised together: a batch of identical images alone normalises to zeros
+    (cosine 0, loss 1), which is what separate passes did."""
+    from bdft_core.paradigms.transfer import latent_loss
+
+    class BNFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(4, affine=False)
+
+        def features(self, x):
+            return self.bn(x.flatten(1))
+
+    ref = torch.tensor([[[[0.9, 0.1], [0.4, 0.7]]]])
+
+    class BecomesRef:
+        def apply(self, x):
+            return ref.expand(len(x), -1, -1, -1)
+
+    x = torch.tensor([[[[0.0, 0.2], [0.5, 1.0]]], [[[0.3, 0.3], [0.8, 0.1]]]])
+    m = BNFeatures().train()
+    assert latent_loss(m, x, BecomesRef(), ref.repeat(3, 1, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    # by hand, the separate-pass version: the triggered batch alone normalises to zeros
+    assert torch.count_nonzero(m.features(BecomesRef().apply(x))) == 0

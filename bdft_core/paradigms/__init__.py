@@ -57,6 +57,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "latent_weight": 1.0,  # latent backdoor: weight of the feature-matching loss
         # latent backdoor: steps optimising the trigger towards the target (Yao et al.); off by default:
         # in our CIFAR-10 runs it lowered the head-only victim's ASR (37% -> 14%) and did not help GTSRB
+        # (measured before the latent loss's batch-norm fix of 2026-11-26; not re-measured since)
         "trigger_steps": 0,
         "teacher_share": 0.5,  # latent backdoor: share of the epochs training the teacher before that
     },
