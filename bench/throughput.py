@@ -96,20 +96,21 @@ def ours(data, attack, steps, bs, device):
     x, y = ps.x.to(device), ps.y.to(device)
     n = len(y)
 
-    def timed(k):  # wall time of a k-step Trainer.run(), finished on the device
+    def timed(k):  # (steps taken, wall time) of a Trainer.run() of about k steps, finished on the device
         tr = Trainer(model, x, y, TrainConfig(epochs=k * bs / n, batch_size=bs, translate=2))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        tr.run()
+        res = tr.run()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return res.steps, time.perf_counter() - t
 
-    # steps after a 3-step warm-up: the difference of two whole runs, so nothing inside the loop is
-    # timed (a per-step callback would force a GPU sync every step) and start-up costs cancel
+    # the difference of two whole runs, after a warm-up run: nothing inside the loop is timed (a
+    # per-step callback would force a GPU sync every step) and start-up costs cancel
     timed(3)
-    return steps * bs / (timed(steps + 3) - timed(3))
+    (s1, t1), (s0, t0) = timed(steps + 3), timed(3)
+    return (s1 - s0) * bs / (t1 - t0)
 
 
 def ceiling(data, steps, bs, device):
