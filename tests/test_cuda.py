@@ -18,17 +18,11 @@ from bdft_core.pipeline import AttackConfig, attack_config_of, run_demo, setting
 from bdft_core.runs import RunStore
 from bdft_core.train import TrainConfig, Trainer
 
+from test_train import _setup as _digits_model  # digits and a seeded FastNet with data-dependent init
+
 DEV = torch.device(os.environ.get("BDFT_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEV.type == "cuda" and not torch.cuda.is_available(),
                                 reason="no CUDA GPU on this machine (run on a GPU, see the module docstring)")
-
-
-def _digits_model(widths=(16, 16, 32)):
-    d = load_dataset("digits")
-    torch.manual_seed(0)
-    m = build_model("fastnet", 10, 1, widths=widths)
-    m.fit_data(d.x_train)
-    return d, m
 
 
 def test_auto_picks_the_gpu_and_trains_there_in_bf16_channels_last():
