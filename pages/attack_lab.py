@@ -30,7 +30,7 @@ with left:
         st.markdown("\n".join(f"- **{role}**: {text}" for role, text in ROLES[paradigm].items()))
     downstream, pparams = None, {}
     if paradigm != "standalone":
-        first = "gtsrb" if paradigm == "encoder" and "gtsrb" in names else ds
+        first = "gtsrb" if paradigm == "encoder" and "gtsrb" in avail else ds
         downstream = st.selectbox("Downstream dataset (the victim's)", names, index=names.index(first),
                                   key=f"atk_downstream_{paradigm}", help="The victim's own labelled data. Transfer: "
                                   "the same dataset uses a disjoint split; another one (same image size) a new label "
@@ -91,14 +91,21 @@ with right:
     mode = st.radio("Target", ["all_to_one", "all_to_all"], key="atk_mode", horizontal=True,
                     format_func=lambda m: {"all_to_one": "all to one class", "all_to_all": "each class to the next"}[m],
                     help="All-to-one: every triggered image becomes the target class; all-to-all: label + 1")
+    aims_downstream = downstream is not None and (downstream != ds or paradigm == "encoder")
     try:
         data = ui.load_preview_data(ds)
+        tdata = ui.load_preview_data(downstream) if aims_downstream else data  # the target's label space
     except Exception as exc:
         ui.show_error(exc)
         st.stop()
-    target = st.number_input("Target label", 0, data.num_classes - 1, 0, key="atk_target",
-                             help="The class the backdoor sends triggered images to (all-to-one)")
-    st.caption(f"Target class: '{data.classes[int(target)]}'")
+    target = st.number_input("Target label", 0, tdata.num_classes - 1, 0,
+                             key="atk_target" if tdata is data else f"atk_target_{downstream}",
+                             help="The class the backdoor sends triggered images to (all-to-one)"
+                                  + ("; here a class of the victim's data. A feature-space backdoor only lands on a "
+                                     "class the victim's model recognises (CIFAR-10 to GTSRB: 14, stop, works; 0, "
+                                     "20 km/h, does not)" if aims_downstream else ""))
+    st.caption(f"Target class: '{tdata.classes[int(target)]}'"
+               + (f", in the victim's data ({downstream})" if aims_downstream else ""))
     model = st.selectbox("Model", list(MODELS), key="atk_model", format_func=lambda m: f"{m}: {MODELS[m][1]}",
                          help="fastnet trains in about a minute on a CPU; resnet18 is the literature's standard")
     epochs = st.number_input("Epochs", 0.1, 200.0, float(DEFAULT_EPOCHS.get(data.name, 4.0)), 0.5, key="atk_epochs",
@@ -109,7 +116,7 @@ with right:
 
 st.subheader("Preview")
 try:
-    atk = build_attack(attack, data.image_shape, data.num_classes, target=int(target), mode=mode, seed=int(seed),
+    atk = build_attack(attack, data.image_shape, tdata.num_classes, target=int(target), mode=mode, seed=int(seed),
                        **params)
     if atk.preview_needs_fit:
         st.info(f"{atk.title} learns its trigger from the training data when training starts (about a minute), "
@@ -129,7 +136,7 @@ except Exception as exc:
 config = {"dataset": ds, "attack": attack, "params": params, "poison_rate": rate / 100.0, "target": int(target),
           "mode": mode, "paradigm": paradigm, "model": model, "epochs": float(epochs), "seed": int(seed),
           "n_train": int(n_train) or None,
-          "downstream": downstream if downstream != ds or paradigm == "encoder" else None,
+          "downstream": downstream if aims_downstream else None,
           "paradigm_params": pparams}
 if st.button("Train", key="atk_train", type="primary", disabled=atk is None,
              help="Poison the training set and train the model in the background"):

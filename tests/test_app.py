@@ -277,6 +277,7 @@ def test_attack_lab_encoder_paradigm_offers_encoders_and_pretraining(app):
     _page(app, "attack_lab")
     app.selectbox(key="atk_paradigm").set_value("encoder").run()
     assert not app.exception
+    assert app.selectbox(key="atk_downstream_encoder").value == "digits"  # no GTSRB here: an offline default
     enc = app.selectbox(key="atk_pp_encoder")
     assert enc.value == "" and "shipped" in enc.options[0]
     app.number_input(key="atk_pre_epochs").set_value(0.2)
@@ -288,6 +289,26 @@ def test_attack_lab_encoder_paradigm_offers_encoders_and_pretraining(app):
     assert any("Encoder written to" in s.value for s in app.success)
     app.run()
     assert len(app.selectbox(key="atk_pp_encoder").options) == 2  # the new encoder can be picked
+
+
+def test_attack_lab_target_is_a_class_of_the_victims_data(monkeypatch):
+    """Transfer to another dataset and the encoder paradigm aim at a class of the victim's (downstream)
+    data: the target goes up to GTSRB's 43 classes, not CIFAR-10's 10, and is named from GTSRB."""
+    from conftest import real_dataset
+
+    real_dataset("cifar10")
+    real_dataset("gtsrb")
+    at = AppTest.from_file(APP, default_timeout=120).run()  # BDFT_DATA_DIR: the real datasets
+    _page(at, "attack_lab")
+    at.selectbox(key="atk_dataset").set_value("cifar10").run()
+    at.selectbox(key="atk_paradigm").set_value("encoder").run()
+    assert at.selectbox(key="atk_downstream_encoder").value == "gtsrb"
+    at.number_input(key="atk_target_gtsrb").set_value(14).run()
+    assert not at.exception and not at.error
+    assert any("'Stop', in the victim's data (gtsrb)" in c.value for c in at.caption)
+    at.selectbox(key="atk_paradigm").set_value("transfer").run()
+    at.selectbox(key="atk_downstream_transfer").set_value("cifar10").run()  # same data: its own classes
+    assert at.number_input(key="atk_target").max == 9
 
 
 def test_explain_page_shows_maps_for_the_poisoned_model(app):
