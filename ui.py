@@ -188,8 +188,9 @@ def _render_job(j, key: str) -> None:
                 st.dataframe(stages, hide_index=True)
             st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
             st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
-            if figures.transfer_reading(r):
-                st.warning(figures.transfer_reading(r), icon=":material/info:")
+            reading = figures.transfer_reading(r)
+            if reading:
+                st.warning(reading, icon=":material/info:")
             for f in r.get("failed", []):
                 st.error(f"{figures.label_of(f['defense'])} failed: {f['error']} (the other defenses' results are kept)")
             for sk in r.get("skipped", []):

@@ -99,7 +99,7 @@ with right:
         ui.show_error(exc)
         st.stop()
     target = st.number_input("Target label", 0, tdata.num_classes - 1, 0,
-                             key="atk_target" if tdata is data else f"atk_target_{downstream}",
+                             key=f"atk_target_{downstream}" if aims_downstream else "atk_target",
                              help="The class the backdoor sends triggered images to (all-to-one)"
                                   + ("; here a class of the victim's data. A feature-space backdoor only lands on a "
                                      "class the victim's model recognises (CIFAR-10 to GTSRB: 14, stop, works; 0, "
