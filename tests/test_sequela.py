@@ -251,6 +251,36 @@ def test_calibration_orientation(digits):
     assert cold["value"] > base["value"] and cold["raw"]["overconfidence"] < 0
 
 
+def test_outputs_are_never_served_to_a_different_object_with_the_same_weights(digits):
+    """Wrappers differ by settings that are not in their weights (a temperature): each object gets
+    its own outputs, also when a freed wrapper's memory (and so its id()) goes to the next one."""
+    import gc
+
+    ctx = digits["ctx"]()
+    model = digits["models"]["clean"]
+
+    class Scaled(nn.Module):
+        def __init__(self, m, t):
+            super().__init__()
+            self.m, self.t = m, t
+
+        def forward(self, x):
+            return self.m(x) / self.t
+
+    model.eval()
+    with torch.no_grad():
+        want = {t: torch.log_softmax(model(ctx.x_test[:50].float() / 255) / t, 1) for t in (0.05, 20.0)}
+    for t in (0.05, 20.0, 0.05, 20.0):  # each wrapper is freed before the next is made
+        got = ctx.log_probs(Scaled(model, t), "test", 50)
+        assert torch.allclose(got, want[t], rtol=1e-4, atol=1e-4)
+        gc.collect()
+    assert len(ctx.outputs) == 0  # the freed wrappers' entries went with them
+    w = Scaled(model, 2.0)
+    first = ctx.log_probs(w, "test", 20)
+    assert ctx.log_probs(w, "test", 20) is not None and torch.equal(ctx.log_probs(w, "test", 10), first[:10])
+    assert len(ctx.outputs) == 1
+
+
 # -- evaluate, radar ------------------------------------------------------------------------------
 
 def test_evaluate_same_data_for_every_model_and_radar(digits):
@@ -269,7 +299,7 @@ def test_evaluate_same_data_for_every_model_and_radar(digits):
     assert res["params"]["reinjection"]["steps"] == 5 and res["params"]["fgsm"] == FGSM.defaults
     again = evaluate(models, ctx, axes=axes, params=params)  # same context, same seed: the same numbers
     assert all(again["results"][m][a]["value"] == res["results"][m][a]["value"] for m in models for a in axes)
-    assert not any(k[0] == "logp" for k in ctx.cache)  # per-model outputs are dropped afterwards
+    assert len(ctx.outputs) == 0  # per-model outputs are dropped afterwards
 
     r = radar_axes(res)
     assert r["axes"] == axes and r["ranges"][0] == [0.5, 1.0]

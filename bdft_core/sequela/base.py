@@ -16,6 +16,7 @@ import hashlib
 import math
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -67,7 +68,10 @@ class SequelaContext:
     # how the evaluated model was trained, for shadow models that should resemble it: label smoothing
     # changes the shape of a model's outputs on its members (bdft's attack training uses 0.2)
     train_label_smoothing: float = 0.0
-    cache: dict = field(default_factory=dict, repr=False)  # outputs per model state, shared shadow models
+    cache: dict = field(default_factory=dict, repr=False)  # what axes share (shadow models)
+    # model outputs: per model object (weakly held, so a freed model's entry goes with it and a new
+    # object at the same address cannot inherit it), then per state of its weights and split
+    outputs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -118,21 +122,23 @@ class SequelaContext:
 
     def clear_outputs(self) -> None:
         """Forget the cached model outputs (kept: the shared shadow models)."""
-        for k in [k for k in self.cache if isinstance(k, tuple) and k and k[0] == "logp"]:
-            del self.cache[k]
+        self.outputs.clear()
 
     def log_probs(self, model, which: str, n: int | None = None) -> torch.Tensor:
         """Log-softmax outputs (float32, no autocast: exact enough for ranking scores) of ``model``
         on the first ``n`` images of a split, computed once per model state and remembered."""
         x, _ = self.split(which)
         n = len(x) if n is None else min(int(n), len(x))
-        key = ("logp", id(model), state_key(model), which)  # id too: a wrapper's settings are not in its state
-        have = self.cache.get(key)
+        # keyed by the object too: a wrapper's settings (a temperature, say) are not in its state; by
+        # a weak reference, not id(), since a freed wrapper's id is soon another object's
+        per_model = self.outputs.setdefault(model, {})
+        key = (state_key(model), which)
+        have = per_model.get(key)
         if have is None or len(have) < n:  # compute only the images not yet seen
             start = 0 if have is None else len(have)
             more = log_softmax_outputs(model, x[start:n])
             have = more if have is None else torch.cat([have, more])
-            self.cache[key] = have
+            per_model[key] = have
         return have[:n]
 
 
