@@ -256,7 +256,11 @@ class JobManager:
             first = ["attack"]
             paradigm = (params.get("config") or {}).get("paradigm")
             if paradigm == "transfer":
-                first += ["victim_head", "victim_full"]
+                from .paradigms import DEFAULTS as PDEFAULTS
+                from .paradigms.transfer import victim_stages
+
+                pp = {**PDEFAULTS["transfer"], **((params.get("config") or {}).get("paradigm_params") or {})}
+                first += [f"victim_{how}" for how in victim_stages(pp)]
             elif paradigm == "encoder":
                 first = ["clean_probe", "attack", "victim_head"]
         return first + list(params.get("defenses") or [])

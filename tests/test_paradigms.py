@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bdft_core.errors import ConfigError
+from bdft_core.jobs import JobManager
 from bdft_core.paradigms.transfer import downstream_setting
 from bdft_core.pipeline import AttackConfig, run_defense, run_demo, setting_for
 from bdft_core.runs import RunStore
@@ -70,6 +71,26 @@ def test_bad_transfer_settings(tmp_path):
     np.savez(big, x_train=z, y_train=np.arange(20) % 2, x_test=z, y_test=np.arange(20) % 2)
     with pytest.raises(ConfigError, match="same image size"):
         downstream_setting(AttackConfig(dataset="digits", paradigm="transfer", downstream=str(big)))
+
+
+def test_transfer_without_the_comparison_victim_trains_only_the_defended_one(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", downstream=_other_npz(tmp_path), target=1, epochs=1.0,
+                       paradigm_params={**QUICK, "victim": "full", "compare_victim": False})
+    stages = []
+    out = run_demo(cfg, defenses=("ft",), clean_fraction=0.3, store=store, on_stage=stages.append)
+    assert stages == ["attack", "victim_full", "ft"]
+    assert "victim_head" not in out and out["poisoned"] == {k: out["victim_full"][k] for k in out["poisoned"]}
+    (victim,) = store.list(kind="victim")
+    assert victim["id"] == out["run_id"] and store.get(victim["id"]).config["victim"] == "full"
+    # the dashboard's job lists the same stages for its progress display
+    job_cfg = {"dataset": "digits", "paradigm": "transfer", "paradigm_params": {"compare_victim": False}}
+    assert JobManager(store)._check("demo", {"config": job_cfg, "defenses": ["sft"]}) == ["attack", "victim_head", "sft"]
+    job_cfg["paradigm_params"] = {}
+    assert JobManager(store)._check("demo", {"config": job_cfg, "defenses": ["sft"]})[:3] == [
+        "attack", "victim_head", "victim_full"]
+    with pytest.raises(ConfigError, match="compare_victim must be true or false"):
+        AttackConfig(dataset="digits", paradigm="transfer", paradigm_params={"compare_victim": "no"}).validate()
 
 
 @pytest.mark.parametrize("attack", ["badnets", "latent"])

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "standalone": {},
     "transfer": {
         "victim": "head",  # which victim model the defenses start from: "head" (head only) or "full"
+        "compare_victim": True,  # also train the other victim (not defended), to compare head-only and whole-model transfer
         "victim_share": 0.5,  # same dataset: share of the training set that is the victim's (the rest: attacker's)
         "head_epochs": 4.0,  # victim's training of a new head on frozen features
         "head_lr": 0.05,
@@ -76,6 +77,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 HELP: dict[str, str] = {
     "victim": "which transferred model the defenses clean: 'head' (only a new head trained) or 'full'",
+    "compare_victim": "also train the other victim (whole model or head only) for comparison; the defenses start "
+                      "from 'victim' either way (off: one victim, less time)",
     "victim_share": "same-dataset transfer: the victim's share of the training set; the attacker gets the rest",
     "head_epochs": "victim: epochs training the new head on frozen features",
     "head_lr": "victim: learning rate for the new head",
@@ -125,6 +128,8 @@ def check_paradigm_params(cfg) -> dict[str, Any]:
     if cfg.paradigm == "transfer":
         if p["victim"] not in ("head", "full"):
             raise ConfigError(f"victim must be 'head' or 'full', got {p['victim']!r}")
+        if not isinstance(p["compare_victim"], bool):
+            raise ConfigError(f"compare_victim must be true or false, got {p['compare_victim']!r}")
         if not 0.05 <= float(p["victim_share"]) <= 0.95:
             raise ConfigError(f"victim_share must be between 0.05 and 0.95, got {p['victim_share']}")
         for k in ("head_epochs", "full_epochs", "head_lr", "full_lr"):

@@ -313,8 +313,14 @@ def transfer_victim(cfg, ds: Downstream, attacker: Run, model, how: str, callbac
     return run, vm
 
 
+def victim_stages(params: dict) -> tuple[str, ...]:
+    """Which victims a transfer trains, in order: both, or only the one the defenses start from."""
+    return ("head", "full") if params.get("compare_victim", True) else (params["victim"],)
+
+
 def transfer_models(cfg, store=None, callbacks=(), stop=None, on_stage=None, train_over=None):
-    """The attacker's model and both victims, stored as runs. Returns ``(ds, out, victims)`` with
+    """The attacker's model and both victims (only the defended one, ``victim``, where
+    ``compare_victim`` is off), stored as runs. Returns ``(ds, out, victims)`` with
     ``victims[how] = (run, model)`` for ``how`` in "head", "full"."""
     ds = downstream_setting(cfg)
     stage = on_stage or (lambda name: None)
@@ -327,7 +333,7 @@ def transfer_models(cfg, store=None, callbacks=(), stop=None, on_stage=None, tra
            "attacker": _figures(a_run),
            "victim": ds.params["victim"], "defended": {}}
     victims = {}
-    for how in ("head", "full"):
+    for how in victim_stages(ds.params):
         if stop is not None and stop.is_set():
             break
         stage(f"victim_{how}")
@@ -367,4 +373,4 @@ def run_transfer(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.2, store
 
 
 __all__ = ["Downstream", "downstream_setting", "latent_loss", "run_transfer", "target_recall", "train_attacker", "transfer_models",
-           "transfer_victim"]
+           "transfer_victim", "victim_stages"]
