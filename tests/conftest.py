@@ -25,11 +25,24 @@ def real_dataset(name: str):
 
 
 @pytest.fixture(scope="session")
-def cifar_badnets():
-    """The demo's poisoned model (CIFAR-10, BadNets defaults, 2 epochs), trained once per test session
+def cifar_demo(tmp_path_factory):
+    """The README's demo on CIFAR-10 (BadNets defaults, 2 epochs, then FT and SFT on 20% clean data),
+    run once per test session and stored: ``(out, store)``. The demo's own test checks its figures;
+    the defense tests start from its poisoned model, so that model is trained only once."""
+    real_dataset("cifar10")
+    from bdft_core.pipeline import AttackConfig, run_demo
+    from bdft_core.runs import RunStore
+
+    store = RunStore(tmp_path_factory.mktemp("demo_runs"))
+    return run_demo(AttackConfig(dataset="cifar10"), store=store), store
+
+
+@pytest.fixture(scope="session")
+def cifar_badnets(cifar_demo):
+    """The demo's poisoned model (CIFAR-10, BadNets defaults, 2 epochs), loaded from the demo's store
     and shared by the defense tests: ``(run, model)``. Tests must not change ``model`` (defenses work
     on a copy)."""
-    real_dataset("cifar10")
-    from bdft_core.pipeline import AttackConfig, run_attack
-
-    return run_attack(AttackConfig(dataset="cifar10", epochs=2.0))
+    out, store = cifar_demo
+    run, model = store.load_model(out["run_id"])
+    assert run.kind == "attack" and run.config["epochs"] == 2.0
+    return run, model

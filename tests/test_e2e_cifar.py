@@ -2,8 +2,7 @@
 online): the README's demo figures, and the other default attacks' ASR."""
 import pytest
 
-from bdft_core.pipeline import AttackConfig, run_attack, run_demo
-from bdft_core.runs import RunStore
+from bdft_core.pipeline import AttackConfig, run_attack
 
 from conftest import real_dataset
 
@@ -13,16 +12,16 @@ def _cifar():
     real_dataset("cifar10")
 
 
-def test_demo_badnets_poisons_then_sft_removes_the_backdoor(tmp_path):
-    store = RunStore(tmp_path)
-    out = run_demo(AttackConfig(dataset="cifar10"), store=store)
+def test_demo_badnets_poisons_then_sft_removes_the_backdoor(cifar_demo):
+    out, store = cifar_demo  # run_demo(AttackConfig(dataset="cifar10")): what `demo --dataset cifar10` runs
     p, sft, ft = out["poisoned"], out["defended"]["sft"], out["defended"]["ft"]
     print(out)
     assert p["clean_acc"] >= 0.70 and p["asr"] >= 0.95
     assert sft["asr"] <= 0.05
     assert sft["clean_acc"] >= p["clean_acc"] - 0.03
     assert ft["asr"] < p["asr"]  # plain FT also lowers it, though less
-    assert len(store.list()) == 3
+    runs = store.list()
+    assert len(runs) == 3 and {r["id"] for r in runs} == {out["run_id"], sft["run_id"], ft["run_id"]}
 
 
 @pytest.mark.parametrize("attack", ["blended", "wanet"])

@@ -39,7 +39,10 @@ def test_sft_on_five_percent_removes_it(encoder_demo):
 def transfer_demo(tmp_path_factory):
     real_dataset("cifar10")
     store = RunStore(tmp_path_factory.mktemp("runs"))
-    return run_demo(AttackConfig(dataset="cifar10", paradigm="transfer"), store=store), store
+    # the defended victim only (head only, the default): the whole-model victim's figures are in the
+    # README's transfer table, and test_paradigms checks that both victims are trained by default
+    cfg = AttackConfig(dataset="cifar10", paradigm="transfer", paradigm_params={"compare_victim": False})
+    return run_demo(cfg, store=store), store
 
 
 def test_transfer_badnets_same_label_space(transfer_demo):
@@ -50,6 +53,7 @@ def test_transfer_badnets_same_label_space(transfer_demo):
     assert out["defended"]["sft"]["asr"] <= 0.20 and out["defended"]["sft"]["asr"] < v["asr"]
     victim = store.get(out["run_id"])
     assert victim.kind == "victim" and victim.config["n_victim"] == 25000  # half of CIFAR-10's training set
+    assert "victim_full" not in out and len(store.list(kind="victim")) == 1
 
 
 def test_latent_backdoor_survives_a_new_head_on_another_dataset(tmp_path):
@@ -59,7 +63,8 @@ def test_latent_backdoor_survives_a_new_head_on_another_dataset(tmp_path):
     victim's head hardly recognises (1.7%), it cannot land (README, transfer table)."""
     real_dataset("cifar10")
     real_dataset("gtsrb")
-    cfg = AttackConfig(dataset="cifar10", paradigm="transfer", attack="latent", downstream="gtsrb", target=14)
+    cfg = AttackConfig(dataset="cifar10", paradigm="transfer", attack="latent", downstream="gtsrb", target=14,
+                       paradigm_params={"compare_victim": False})  # the head-only victim, defended
     out = run_demo(cfg, defenses=("sft",), store=RunStore(tmp_path / "runs"))
     v = out["victim_head"]
     assert out["attacker"]["asr"] >= 0.90
