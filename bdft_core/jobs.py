@@ -256,10 +256,10 @@ class JobManager:
             first = ["attack"]
             paradigm = (params.get("config") or {}).get("paradigm")
             if paradigm == "transfer":
-                from .paradigms import DEFAULTS as PDEFAULTS
+                from .paradigms import check_paradigm_params
                 from .paradigms.transfer import victim_stages
 
-                pp = {**PDEFAULTS["transfer"], **((params.get("config") or {}).get("paradigm_params") or {})}
+                pp = check_paradigm_params(AttackConfig.from_dict(params.get("config") or {}))  # defaults filled in
                 first += [f"victim_{how}" for how in victim_stages(pp)]
             elif paradigm == "encoder":
                 first = ["clean_probe", "attack", "victim_head"]
