@@ -54,6 +54,11 @@ class BackdoorModel(nn.Module):
     def fit_data(self, x_uint8: torch.Tensor) -> None:
         self.norm.fit(x_uint8)
 
+    def whitening_parameters(self) -> list[nn.Parameter]:
+        """Parameters of a data-initialised input layer that train only early on (see
+        ``TrainConfig.whiten_bias_epochs``); none for most models."""
+        return []
+
 
 def _conv_block(ci: int, co: int) -> nn.Sequential:
     return nn.Sequential(
@@ -84,6 +89,9 @@ class FastNet(BackdoorModel):
     @property
     def whiten(self) -> nn.Conv2d:
         return self.body[0]
+
+    def whitening_parameters(self) -> list[nn.Parameter]:
+        return [self.whiten.bias]
 
     @torch.no_grad()
     def fit_data(self, x_uint8: torch.Tensor, eps: float = 5e-4) -> None:

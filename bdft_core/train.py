@@ -48,6 +48,9 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     sam_rho: float = 0.0  # sharpness-aware minimisation radius (0: plain SGD); FT-SAM uses it
+    # epochs the model's whitening bias trains (fastnet's input layer, fixed afterwards as in airbench;
+    # its backward pass then stops one layer earlier). None: throughout; 0: never (fine-tuning)
+    whiten_bias_epochs: float | None = None
 
     def validate(self) -> "TrainConfig":
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -62,6 +65,8 @@ class TrainConfig:
             raise ConfigError(f"translate must be >= 0 pixels, got {self.translate}")
         if not self.sam_rho >= 0:
             raise ConfigError(f"sam_rho must be >= 0, got {self.sam_rho}")
+        if self.whiten_bias_epochs is not None and not self.whiten_bias_epochs >= 0:
+            raise ConfigError(f"whiten_bias_epochs must be >= 0 (or None: throughout), got {self.whiten_bias_epochs}")
         return self
 
 
@@ -163,6 +168,19 @@ class Trainer:
                 p.sub_(e)
 
     def run(self) -> TrainResult:
+        # Parameters this run does not train leave autograd for its duration (restored afterwards), so
+        # the backward pass stops where the trained ones end: the head alone, for "last layer only".
+        chosen = {id(p) for p in self.params}
+        off = [p for p in self.model.parameters() if p.requires_grad and id(p) not in chosen]
+        for p in off:
+            p.requires_grad_(False)
+        try:
+            return self._run(off)
+        finally:
+            for p in off:
+                p.requires_grad_(True)
+
+    def _run(self, off: list) -> TrainResult:
         cfg, model = self.cfg, self.model
         n = len(self.y)
         bs = min(int(cfg.batch_size), n)
@@ -174,6 +192,9 @@ class Trainer:
                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         res = TrainResult(total_steps=total)
+        whiten = [p for p in getattr(model, "whitening_parameters", list)() if p.requires_grad]
+        whiten_until = (total if cfg.whiten_bias_epochs is None or not whiten
+                        else min(total, math.ceil(cfg.whiten_bias_epochs * steps_per_epoch)))
         t0 = time.perf_counter()
         seen = 0
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
@@ -201,6 +222,10 @@ class Trainer:
             for i in range(0, n, bs):
                 if step >= total or self.stop.is_set():
                     break
+                if step == whiten_until:  # from here on the whitening bias is fixed (restored after the run)
+                    for p in whiten:
+                        p.requires_grad_(False)
+                    off.extend(whiten)
                 idx = perm[i:i + bs]
                 xb = self.x[idx]
                 if cfg.flip or cfg.translate:

@@ -1,9 +1,11 @@
 """The training loop: learning, callbacks, cooperative stop, seeding."""
 import threading
 
+import pytest
 import torch
 
 from bdft_core.data import load_dataset
+from bdft_core.errors import ConfigError
 from bdft_core.metrics import Evaluator, accuracy
 from bdft_core.models import build_model
 from bdft_core.train import TrainConfig, Trainer
@@ -88,3 +90,50 @@ def test_evaluator_remembers_a_model_state_and_derives_live_figures_from_a_full_
     assert ev.evaluated_images == n_full + 40 + 40
     ev(m, live=True, amp_dtype=torch.bfloat16)  # other settings: evaluated again
     assert ev.evaluated_images == n_full + 4 * 40
+
+
+def test_untrained_parameters_get_no_gradient_and_are_restored_afterwards():
+    d, m = _setup((8, 8, 8))
+    body_before = [p.detach().clone() for p in m.body.parameters()]
+    grads = []  # after each step, whether any body parameter received a gradient
+    tr = Trainer(m, d.x_train, d.y_train, TrainConfig(epochs=1, batch_size=128, amp="off"),
+                 params=list(m.classifier.parameters()), freeze_bn=True)
+    tr.add_callback("on_batch", lambda p: grads.append(any(q.grad is not None for q in m.body.parameters())))
+    tr.run()
+    assert grads and not any(grads)  # the backward pass stopped at the head
+    assert all(torch.equal(a, b) for a, b in zip(body_before, m.body.parameters()))
+    # requires_grad is as before the run (the whitening weight was frozen by the model itself)
+    assert [p.requires_grad for p in m.body.parameters()] == [p is not m.whiten.weight for p in m.body.parameters()]
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays_fixed():
+    def bias_at_epoch_ends(w):
+        d, m = _setup((8, 8, 8))
+        start = m.whiten.bias.detach().clone()
+        seen = []
+        tr = Trainer(m, d.x_train, d.y_train, TrainConfig(epochs=3, batch_size=256, amp="off", whiten_bias_epochs=w))
+        tr.add_callback("on_epoch_end", lambda p: seen.append(m.whiten.bias.detach().clone()))
+        tr.run()
+        assert m.whiten.bias.requires_grad  # restored after the run
+        return start, seen
+
+    start, seen = bias_at_epoch_ends(None)  # trains throughout
+    assert not torch.equal(start, seen[0]) and not torch.equal(seen[1], seen[2])
+    start, seen = bias_at_epoch_ends(1.0)  # trains in epoch 1 only
+    assert not torch.equal(start, seen[0]) and torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    start, seen = bias_at_epoch_ends(0.0)  # never: what the fine-tuning defenses use
+    assert all(torch.equal(start, s) for s in seen)
+    with pytest.raises(ConfigError, match="whiten_bias_epochs"):
+        TrainConfig(whiten_bias_epochs=-1).validate()
+
+
+def test_fine_tuning_defenses_keep_the_whitening_bias_fixed():
+    from bdft_core.defenses import build_defense
+
+    d, m = _setup((8, 8, 8))
+    with torch.no_grad():
+        m.whiten.bias.fill_(0.1)  # as a trained model would have it: not zero, so weight decay could move it
+    before = m.whiten.bias.detach().clone()
+    conv = m.body[2][0].weight.detach().clone()
+    build_defense("sft", epochs=1, batch_size=128).apply(m, d.x_train, d.y_train)
+    assert torch.equal(before, m.whiten.bias) and not torch.equal(conv, m.body[2][0].weight)
