@@ -45,12 +45,16 @@ class PoisonedImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        img = Image.fromarray(self.x[i])
+        def pil(hwc):  # grayscale images are (H, W, 1) here and mode "L" in PIL
+            return Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
+
+        img = pil(self.x[i])
         label = int(self.y[i])
         if i in self.poison:
-            t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+            arr = np.array(img)  # a writable copy, as torch wants
+            t = torch.from_numpy(arr.reshape(*arr.shape[:2], -1)).permute(2, 0, 1)[None].float() / 255
             arr = (self.attack.apply(t)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            img, label = Image.fromarray(arr), self.attack.target
+            img, label = pil(arr), self.attack.target
         return self.t(img), label
 
 
