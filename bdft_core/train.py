@@ -49,7 +49,8 @@ class TrainConfig:
     seed: int = 0
     sam_rho: float = 0.0  # sharpness-aware minimisation radius (0: plain SGD); FT-SAM uses it
     # epochs the model's whitening bias trains (fastnet's input layer, fixed afterwards as in airbench;
-    # its backward pass then stops one layer earlier). None: throughout; 0: never (fine-tuning)
+    # the backward pass then skips the first block's input gradient, ~1.3x faster steps). None:
+    # throughout (the default everywhere: fixed during SFT, Blended's backdoor survived, 57% ASR vs 1.6%)
     whiten_bias_epochs: float | None = None
 
     def validate(self) -> "TrainConfig":

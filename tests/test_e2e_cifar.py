@@ -2,7 +2,7 @@
 online): the README's demo figures, and the other default attacks' ASR."""
 import pytest
 
-from bdft_core.pipeline import AttackConfig, run_attack
+from bdft_core.pipeline import AttackConfig, run_demo
 
 from conftest import real_dataset
 
@@ -25,7 +25,12 @@ def test_demo_badnets_poisons_then_sft_removes_the_backdoor(cifar_demo):
 
 
 @pytest.mark.parametrize("attack", ["blended", "wanet"])
-def test_default_attacks_reach_high_asr(attack):
-    run, _ = run_attack(AttackConfig(dataset="cifar10", attack=attack))
-    print(attack, run.final)
-    assert run.final["asr"] >= 0.90 and run.final["clean_acc"] >= 0.65
+def test_default_attacks_reach_high_asr_and_sft_removes_them(attack):
+    """The demo's criteria for the other default attacks: ASR >= 90% after the attack, CA >= 70%,
+    and after SFT ASR <= 5% at most 3 points of CA lost. (Fixing the whitening bias during
+    fine-tuning, a 1.3x faster step, left Blended at 57% ASR after SFT: this test catches that.)"""
+    out = run_demo(AttackConfig(dataset="cifar10", attack=attack), defenses=("sft",))
+    p, sft = out["poisoned"], out["defended"]["sft"]
+    print(attack, out)
+    assert p["asr"] >= 0.90 and p["clean_acc"] >= 0.70
+    assert sft["asr"] <= 0.05 and sft["clean_acc"] >= p["clean_acc"] - 0.03

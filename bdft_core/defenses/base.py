@@ -114,8 +114,7 @@ class Defense:
         return TrainConfig(epochs=self.epochs_for(n_clean), batch_size=int(p["batch_size"]), lr=self.schedule().lr(0, 1),
                            momentum=float(p.get("momentum", 0.9)), nesterov=False,
                            weight_decay=float(p.get("weight_decay", 5e-4)), label_smoothing=0.0,
-                           flip=True, translate=int(p.get("translate", 0)), eval_at_start=True, seed=seed,
-                           **{"whiten_bias_epochs": 0.0, **over})  # an input layer fixed in fine-tuning
+                           flip=True, translate=int(p.get("translate", 0)), eval_at_start=True, seed=seed, **over)
 
     def apply(self, model, x_clean, y_clean, evaluator=None, callbacks=None, stop: threading.Event | None = None,
               seed: int = 0, **train_over):
