@@ -8,7 +8,7 @@ from bdft_core.data import dataset_names
 from bdft_core.models import MODELS
 from bdft_core.paradigms import DEFAULTS as PDEFAULTS
 from bdft_core.paradigms import HELP as PHELP
-from bdft_core.paradigms import ROLES
+from bdft_core.paradigms import ROLES, suggested_target
 from bdft_core.pipeline import DEFAULT_EPOCHS, PARADIGMS
 from bdft_core.ssl import encoders_dir, list_encoders
 
@@ -98,12 +98,13 @@ with right:
     except Exception as exc:
         ui.show_error(exc)
         st.stop()
-    target = st.number_input("Target label", 0, tdata.num_classes - 1, 0,
-                             key=f"atk_target_{downstream}" if aims_downstream else "atk_target",
+    first_target, why = suggested_target(paradigm, ds, downstream)
+    target = st.number_input("Target label", 0, tdata.num_classes - 1, first_target,
+                             key=f"atk_target_{paradigm}_{downstream}" if aims_downstream else "atk_target",
                              help="The class the backdoor sends triggered images to (all-to-one)"
                                   + ("; here a class of the victim's data. A feature-space backdoor only lands on a "
-                                     "class the victim's model recognises (CIFAR-10 to GTSRB: 14, stop, works; 0, "
-                                     "20 km/h, does not)" if aims_downstream else ""))
+                                     "class the victim's model recognises" if aims_downstream else "")
+                                  + (f". Starts at {first_target}, {why}" if why else ""))
     st.caption(f"Target class: '{tdata.classes[int(target)]}'"
                + (f", in the victim's data ({downstream})" if aims_downstream else ""))
     model = st.selectbox("Model", list(MODELS), key="atk_model", format_func=lambda m: f"{m}: {MODELS[m][1]}",

@@ -303,10 +303,15 @@ def test_attack_lab_target_is_a_class_of_the_victims_data(monkeypatch):
     at.selectbox(key="atk_dataset").set_value("cifar10").run()
     at.selectbox(key="atk_paradigm").set_value("encoder").run()
     assert at.selectbox(key="atk_downstream_encoder").value == "gtsrb"
-    at.number_input(key="atk_target_gtsrb").set_value(14).run()
+    assert at.number_input(key="atk_target_encoder_gtsrb").value == 0  # BadEncoder lands on class 0 (README)
+    at.number_input(key="atk_target_encoder_gtsrb").set_value(14).run()
     assert not at.exception and not at.error
     assert any("'Stop', in the victim's data (gtsrb)" in c.value for c in at.caption)
     at.selectbox(key="atk_paradigm").set_value("transfer").run()
+    at.selectbox(key="atk_downstream_transfer").set_value("gtsrb").run()
+    # a transfer to GTSRB starts at a class a CIFAR-10 model recognises (stop), where a latent backdoor lands
+    assert at.number_input(key="atk_target_transfer_gtsrb").value == 14
+    assert any("'Stop', in the victim's data (gtsrb)" in c.value for c in at.caption)
     at.selectbox(key="atk_downstream_transfer").set_value("cifar10").run()  # same data: its own classes
     assert at.number_input(key="atk_target").max == 9
 

@@ -259,3 +259,14 @@ def test_latent_loss_sees_triggered_and_reference_images_in_one_batch():
     assert latent_loss(m, x, BecomesRef(), ref.repeat(3, 1, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
     # by hand, the separate-pass version: the triggered batch alone normalises to zeros
     assert torch.count_nonzero(m.features(BecomesRef().apply(x))) == 0
+
+
+def test_suggested_target_is_a_recognised_class_only_for_a_measured_transfer():
+    from bdft_core.paradigms import suggested_target
+
+    assert suggested_target("transfer", "cifar10", "gtsrb")[0] == 14
+    assert "stop" in suggested_target("transfer", "CIFAR10", "GTSRB")[1]
+    # same dataset, no downstream, other paradigms and unmeasured pairs start at class 0 with no reason given
+    for args in (("transfer", "cifar10", "cifar10"), ("transfer", "cifar10", None), ("encoder", "cifar10", "gtsrb"),
+                 ("standalone", "cifar10", None), ("transfer", "gtsrb", "cifar10")):
+        assert suggested_target(*args) == (0, "")
