@@ -1,5 +1,6 @@
 """End to end on real CIFAR-10 (through the dataset registry: BDFT_DATA_DIR, or a download when
-online): the README's demo figures, and the other default attacks' ASR."""
+online): the README's demo figures, and the demo's criteria for the other default attacks
+(Blended, WaNet: their ASR, and SFT removing them)."""
 import pytest
 
 from bdft_core.pipeline import AttackConfig, run_demo

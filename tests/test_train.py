@@ -121,7 +121,7 @@ def test_whitening_bias_trains_for_its_epochs_then_stays_fixed():
     assert not torch.equal(start, seen[0]) and not torch.equal(seen[1], seen[2])
     start, seen = bias_at_epoch_ends(1.0)  # trains in epoch 1 only
     assert not torch.equal(start, seen[0]) and torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
-    start, seen = bias_at_epoch_ends(0.0)  # never: what the fine-tuning defenses use
+    start, seen = bias_at_epoch_ends(0.0)  # never (an option; the defenses train it: see README)
     assert all(torch.equal(start, s) for s in seen)
     with pytest.raises(ConfigError, match="whiten_bias_epochs"):
         TrainConfig(whiten_bias_epochs=-1).validate()
