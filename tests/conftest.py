@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
+from bdft_core.device import tune_allocator
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+tune_allocator()  # what the CLI and the app do at start-up (freed tensor memory reused, not faulted in again)
 
 
 @pytest.fixture(autouse=True)
