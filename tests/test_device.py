@@ -34,7 +34,12 @@ def probe(tune: str) -> dict:
 def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     off, on = probe("0"), probe("1")
     assert off["tuned"] is False and on["tuned"] is True
-    # glibc's default: a block this large is unmapped when freed, so every allocation faults in all its pages again
-    assert off["faults_per_alloc"] >= 0.9 * off["pages"]
+    # glibc's default: a block this large is unmapped when freed, so every allocation faults in all its
+    # pages again (in 2 MiB pieces where transparent huge pages are always on: fewer faults, still more)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        assert off["faults_per_alloc"] > on["faults_per_alloc"]
+    else:
+        assert off["faults_per_alloc"] >= 0.9 * off["pages"]
     # tuned: the same block comes back from the heap, already mapped
     assert on["faults_per_alloc"] <= 0.1 * on["pages"]
