@@ -1,4 +1,4 @@
-"""Pick the compute device and set CPU threads sensibly."""
+"""Pick the compute device, set CPU threads sensibly, and keep freed tensor memory for reuse."""
 from __future__ import annotations
 
 import ctypes
