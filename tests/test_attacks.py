@@ -71,6 +71,25 @@ def test_blended_noise_formula():
     assert torch.allclose(a.apply(x), x * 0.8 + a.pattern * 0.2)
 
 
+def test_blended_default_is_the_cartoon_drawn_at_the_input_size():
+    from bdft_core.attacks.blended import cartoon_pattern
+
+    a = build_attack("blended", (3, 32, 32), 10)
+    assert a.params["pattern"] == "cartoon" and torch.equal(a.pattern, cartoon_pattern(3, 32, 32))
+    p = cartoon_pattern(3, 9, 9)  # grid points -1, -0.75, ..., 1 on both axes; p[:, row (v), column (u)]
+    ground, white, black = [0.75, 0.88, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    assert p[:, 0, 0].tolist() == pytest.approx(ground)  # corner: outside everything
+    assert p[:, 4, 4].tolist() == white  # centre: inside the head
+    assert p[:, 4, 5].tolist() == black and p[:, 4, 3].tolist() == black  # u = +-0.25, v = 0: the eyes
+    assert p[:, 5, 4].tolist() == pytest.approx([1.0, 0.8, 0.0])  # u = 0, v = 0.25: the nose
+    assert p[:, 2, 2].tolist() == white and p[:, 1, 2].tolist() == black  # an ear's inside and its rim
+    gray = cartoon_pattern(1, 9, 9)
+    assert gray.shape == (1, 9, 9)
+    assert gray[0, 0, 0].item() == pytest.approx(0.299 * 0.75 + 0.587 * 0.88 + 0.114 * 1.0)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(a.apply(x), x * 0.8 + a.pattern * 0.2)
+
+
 def test_blended_alpha_range():
     with pytest.raises(ConfigError, match="alpha"):
         build_attack("blended", (3, 4, 4), 10, alpha=0.0)
