@@ -238,8 +238,23 @@ def defender_size(run: Run, clean_fraction: float) -> int:
 
 
 def attack_config_of(run: Run) -> AttackConfig:
+    """The settings ``run`` was made with. The attack's own settings the user left at their defaults
+    are taken from the run's record (which keeps them all, as resolved then), so a stored run keeps
+    its trigger when a later version changes a default (Blended's pattern was uniform noise until
+    2026-11-26). Settings recorded only as a description (an image given as an array) stay as given."""
+    from .attacks import ATTACKS
+
     names = {f.name for f in fields(AttackConfig)}
-    return AttackConfig(**{k: v for k, v in run.config.items() if k in names})
+    cfg = AttackConfig(**{k: v for k, v in run.config.items() if k in names})
+    rec = run.attack if isinstance(run.attack, dict) else {}
+    cls = ATTACKS.get(str(cfg.attack).lower())
+    if cls is not None and rec.get("name") == cls.name and isinstance(rec.get("params"), dict):
+        given = dict(cfg.params or {})
+        kept = {k: v for k, v in rec["params"].items()
+                if k in cls.defaults and k not in given and not (isinstance(v, str) and v.startswith("<") and v.endswith(" image>"))}
+        if kept:
+            cfg.params = {**kept, **given}
+    return cfg
 
 
 def run_defense(parent: str | Run, defense: str, params: dict | None = None,

@@ -136,3 +136,27 @@ def test_gc_keeps_sweeps_and_trigger_folders(tmp_path):
         (store.root / name).mkdir()
     assert store.gc() == ["20260101-000000-attack-abc123"]
     assert (store.root / "sweeps").is_dir() and (store.root / "triggers").is_dir()
+
+
+def test_a_stored_run_keeps_the_attack_defaults_it_was_made_with(stored):
+    """A run made when Blended's default pattern was uniform noise is rebuilt with noise, not with
+    today's default (the record keeps every resolved setting); settings the user gave still win."""
+    import dataclasses
+
+    from bdft_core.attacks import build_attack
+    from bdft_core.pipeline import attack_config_of, prepare
+
+    _, run, _ = stored
+    old = dataclasses.replace(run, attack={**run.attack, "name": "blended", "params": {"alpha": 0.2, "pattern": "noise"}},
+                              config={**run.config, "attack": "blended", "params": {"alpha": 0.3}})
+    cfg = attack_config_of(old)
+    assert cfg.attack == "blended" and cfg.params == {"alpha": 0.3, "pattern": "noise"}
+    s = prepare(cfg)
+    noise = build_attack("blended", s.data.image_shape, s.data.num_classes, seed=cfg.seed, pattern="noise")
+    assert torch.equal(s.attack.pattern, noise.pattern) and s.attack.params["alpha"] == 0.3
+    # a setting recorded only as a description of an image object is not fed back
+    desc = dataclasses.replace(old, attack={**old.attack, "params": {"pattern": "<ndarray image>"}},
+                               config={**old.config, "params": {}})
+    assert attack_config_of(desc).params == {}
+    # the run's own attack (BadNets, all defaults): the recorded settings are today's defaults
+    assert attack_config_of(run).params == {k: v for k, v in run.attack["params"].items()}
