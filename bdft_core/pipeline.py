@@ -243,6 +243,7 @@ def attack_config_of(run: Run) -> AttackConfig:
     its trigger when a later version changes a default (Blended's pattern was uniform noise until
     2026-11-26). Settings recorded only as a description (an image given as an array) stay as given."""
     from .attacks import ATTACKS
+    from .attacks.base import is_image_description
 
     names = {f.name for f in fields(AttackConfig)}
     cfg = AttackConfig(**{k: v for k, v in run.config.items() if k in names})
@@ -250,8 +251,7 @@ def attack_config_of(run: Run) -> AttackConfig:
     cls = ATTACKS.get(str(cfg.attack).lower())
     if cls is not None and rec.get("name") == cls.name and isinstance(rec.get("params"), dict):
         given = dict(cfg.params or {})
-        kept = {k: v for k, v in rec["params"].items()
-                if k in cls.defaults and k not in given and not (isinstance(v, str) and v.startswith("<") and v.endswith(" image>"))}
+        kept = {k: v for k, v in rec["params"].items() if k in cls.defaults and k not in given and not is_image_description(v)}
         if kept:
             cfg.params = {**kept, **given}
     return cfg

@@ -159,4 +159,4 @@ def test_a_stored_run_keeps_the_attack_defaults_it_was_made_with(stored):
                                config={**old.config, "params": {}})
     assert attack_config_of(desc).params == {}
     # the run's own attack (BadNets, all defaults): the recorded settings are today's defaults
-    assert attack_config_of(run).params == {k: v for k, v in run.attack["params"].items()}
+    assert attack_config_of(run).params == run.attack["params"]

@@ -17,6 +17,14 @@ from ..errors import ConfigError
 MODES = ("all_to_one", "all_to_all")
 
 
+IMAGE_DESCRIPTION = "<{} image>"  # how a run's record names a setting given as an image object
+
+
+def is_image_description(v) -> bool:
+    """Whether a recorded setting is only the description of an image object (not rebuildable)."""
+    return isinstance(v, str) and v.startswith("<") and v.endswith(" image>")
+
+
 @dataclass
 class PoisonedSet:
     """A training set after poisoning: a copy of the images and labels, with the indices changed."""
@@ -92,7 +100,7 @@ class Attack:
                 return v
             if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float)) for e in v):
                 return list(v)
-            return f"<{type(v).__name__} image>"
+            return IMAGE_DESCRIPTION.format(type(v).__name__)
 
         params = {k: plain(v) for k, v in self.params.items()}
         return {"name": self.name, "target": self.target, "mode": self.mode, "seed": self.seed, "params": params}
