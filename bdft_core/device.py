@@ -57,11 +57,14 @@ def pick_device(requested: str | None = None) -> torch.device:
     return dev
 
 
-def describe_device(dev: torch.device) -> str:
-    """A human-readable name: the GPU model for CUDA, the CPU thread count otherwise."""
+def describe_device(dev: torch.device, amp: str | bool = "auto") -> str:
+    """A human-readable name: the GPU model for CUDA, the CPU thread count otherwise, and the
+    arithmetic ``amp`` resolves to there ("bf16 autocast" or "fp32"). Runs record it because the
+    same seed gives different figures in the two (a CPU without native bf16 trains in fp32)."""
+    precision = "bf16 autocast" if amp_dtype(dev, amp) is not None else "fp32"
     if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+        return f"cuda ({torch.cuda.get_device_name(dev)}, {precision})"
+    return f"cpu ({torch.get_num_threads()} threads, {precision})"
 
 
 def setup_threads(n: int | None = None) -> int:

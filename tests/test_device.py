@@ -43,3 +43,18 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
         assert off["faults_per_alloc"] >= 0.9 * off["pages"]
     # tuned: the same block comes back from the heap, already mapped
     assert on["faults_per_alloc"] <= 0.1 * on["pages"]
+
+
+def test_device_description_names_the_arithmetic_runs_use():
+    """Runs record the device with the precision that "auto" picks there, since bf16 and fp32 give
+    different figures for the same seed; a forced setting is described as forced."""
+    import torch
+
+    from bdft_core.device import amp_dtype, cpu_bf16_fast, describe_device
+
+    cpu = torch.device("cpu")
+    auto = describe_device(cpu)
+    assert auto == f"cpu ({torch.get_num_threads()} threads, {'bf16 autocast' if cpu_bf16_fast() else 'fp32'})"
+    assert (amp_dtype(cpu) is None) == auto.endswith(", fp32)")
+    assert describe_device(cpu, "off").endswith(", fp32)")
+    assert describe_device(cpu, "bf16").endswith(", bf16 autocast)")
