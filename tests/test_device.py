@@ -47,7 +47,7 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
 
 def test_device_description_names_the_arithmetic_runs_use():
     """Runs record the device with the precision that "auto" picks there, since bf16 and fp32 give
-    different figures for the same seed; a forced setting is described as forced."""
+    different figures for the same seed; a setting given explicitly is described by what it selects."""
     import torch
 
     from bdft_core.device import amp_dtype, cpu_bf16_fast, describe_device
