@@ -118,8 +118,8 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     s = setting_for(victim)
     assert s.data.num_classes == 5
     # the victim's recall of the target class: its predictions on the clean target-class test images
-    _, vm = store.load_model(victim.id)
-    xt = s.data.x_test[s.data.y_test == 1]
+    xt = s.data.x_test[s.data.y_test == 1]  # on the device the setting picked (CUDA where there is one)
+    _, vm = store.load_model(victim.id, device=xt.device)
     with torch.no_grad():
         want = (vm(xt.float() / 255).argmax(1) == 1).float().mean().item()
     assert out["victim_head"]["target_recall"] == pytest.approx(want, abs=1.5 / len(xt))  # bf16 may flip a tie
