@@ -12,44 +12,25 @@ import json
 import os
 import subprocess
 import sys
-import time
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bdft_core.device import amp_dtype, setup_threads  # noqa: E402
-from bdft_core.metrics import autocast_ctx  # noqa: E402
-from bdft_core.models import build_model  # noqa: E402
+from throughput import ceiling  # noqa: E402  (the raw-ceiling step: model, optimizer, layout, arithmetic)
 
 
 def step_rate(threads: int, batch: int, images: int) -> float:
-    """Training images per second of a fastnet step (SGD, channels-last) on ``threads`` threads."""
+    """Training images per second of a fastnet step on random images (throughput.py's raw ceiling)
+    on ``threads`` threads."""
     setup_threads(threads)  # also the allocator setting the CLI and the app use
-    dev = torch.device("cpu")
-    amp = amp_dtype(dev, "auto")
-    torch.manual_seed(0)
-    model = build_model("fastnet", num_classes=10).to(memory_format=torch.channels_last)
-    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def step():
-        with autocast_ctx(dev, amp):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=0.2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):  # warm-up: kernel selection, allocator
-        step()
-    n = max(5, images // batch)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return n * batch / (time.perf_counter() - t0)
+    g = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(num_classes=10, image_shape=(3, 32, 32),
+                           x_train=torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=g))
+    return ceiling(data, max(5, images // batch), batch, torch.device("cpu"))
 
 
 def _child(batch: int, images: int) -> subprocess.Popen:
