@@ -16,10 +16,14 @@ from bdft_core.device import setup_threads, tune_allocator
 setup_threads(1)
 n = 100 * 2**20 // 4  # a 100 MiB float32 tensor: 25,600 pages of 4 KiB
 a = torch.ones(n); del a
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.ones(n); del a
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median allocation: the steady state. A mean let one allocation that could not reuse the freed
+# block (something else had taken its place in the heap) fault all its pages in and fail the test on CI
+faults = sorted(faults)[len(faults) // 2]
 print(json.dumps({"tuned": tune_allocator(), "faults_per_alloc": faults, "pages": n * 4 / 4096}))
 """
 
