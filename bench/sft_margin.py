@@ -40,12 +40,16 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     tune_allocator()
     try:
+        seeds, models = ([int(v) for v in arg.split(",")] for arg in (a.seeds, a.models))
+    except ValueError as exc:
+        sys.exit(f"--seeds and --models take whole numbers separated by commas: {exc}")
+    try:
         variants = json.loads(a.variants)
         for name, params in variants.items():
             build_defense("sft", **params)  # a bad setting fails before any training
     except (ValueError, TypeError, AttributeError, ConfigError) as exc:
         sys.exit(f"bad --variants: {exc}")
-    for mseed in [int(s) for s in a.models.split(",")]:
+    for mseed in models:
         run, model = run_attack(AttackConfig(dataset=a.dataset, attack=a.attack, seed=mseed))
         p = run.final
         print(json.dumps({"model": mseed, "poisoned": {"clean_acc": round(p["clean_acc"], 4), "asr": round(p["asr"], 4)}}),
@@ -55,7 +59,7 @@ def main(argv=None) -> None:
         idx = s.defender_indices(DEFAULT_CLEAN_FRACTION).to(s.device)
         x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]
         for name, params in variants.items():
-            for k in [int(v) for v in a.seeds.split(",")]:
+            for k in seeds:
                 t = time.perf_counter()
                 res = build_defense("sft", **params).apply(copy.deepcopy(model), x_clean, y_clean,
                                                            evaluator=s.evaluator, seed=k)
