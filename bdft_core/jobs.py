@@ -24,6 +24,7 @@ ordinary runs in the :class:`~bdft_core.runs.RunStore`."""
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import logging
 import math
@@ -316,6 +317,12 @@ class JobManager:
                 log.error("job %s failed:\n%s", jid, traceback.format_exc())
                 self._update(job, error=f"unexpected error ({type(exc).__name__}): {exc}", status="failed",
                              ended=time.time())
+            finally:
+                # A job leaves large tensors behind (data, models, optimizer state), some in reference
+                # cycles; collect them now, once per job, rather than after every UI rerun (the
+                # dashboard turns Streamlit's post-script collection off: .streamlit/config.toml).
+                job = None
+                gc.collect()
 
     def _execute(self, job: Job) -> dict:
         from .pipeline import AttackConfig, get_dataset, run_attack, run_defense, run_demo

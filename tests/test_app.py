@@ -25,6 +25,18 @@ def app(tmp_path, monkeypatch):
     return at
 
 
+def test_shipped_streamlit_config_leaves_the_cpu_to_training():
+    # Both defaults cost the in-app demo about half its speed on a 2-core machine (measured in
+    # .streamlit/config.toml's comments): the file watcher over a tree holding .venv loops on inotify
+    # overflows, and a full gc.collect after every fragment rerun holds the GIL from the job thread.
+    import tomllib
+
+    cfg = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["fileWatcherType"] == "none"
+    assert cfg["runner"]["postScriptGC"] is False
+    assert cfg["client"]["showErrorDetails"] is False  # errors reach users as messages, not tracebacks
+
+
 def _page(at, page):
     at.switch_page(f"pages/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -79,10 +79,10 @@ def server(tmp_path):
     data_dir.mkdir()  # empty: a new user with no data, so the default dataset is the offline digits
     port = _free_port()
     env = dict(os.environ, BDFT_RUNS_DIR=str(runs_dir), BDFT_DATA_DIR=str(data_dir),
-               BDFT_THREADS=os.environ.get("BDFT_THREADS", "2"), PYTHONUNBUFFERED="1",
-               # no file watcher: edits elsewhere in the tree must not rerun the app mid-test, and
-               # watching the whole repository overflows inotify on busy machines
-               STREAMLIT_SERVER_FILE_WATCHER_TYPE="none")
+               BDFT_THREADS=os.environ.get("BDFT_THREADS", "2"), PYTHONUNBUFFERED="1")
+    # No Streamlit settings here: the app runs with what .streamlit/config.toml ships, as a user's does
+    # (no file watcher, no collection after every rerun; test_app.py checks both are set).
+    env = {k: v for k, v in env.items() if not k.startswith("STREAMLIT_")}
     log_path = OUT / "streamlit.log"
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
@@ -234,5 +234,8 @@ def test_quick_demo_in_a_real_browser(sync_playwright, server):
                 assert r["id"] in runs_table, f"run {r['id']} is not listed on the Runs page: {runs_table[:1500]}"
         finally:
             browser.close()
+    log = _log_tail(OUT / "streamlit.log", 200_000)
+    assert "Inotify queue overflowed" not in log, \
+        "Streamlit's file watcher is on and flooding (it costs a core and slows every job): " + log[-1500:]
     print(f"\nbrowser test: demo finished {demo_s:.0f} s after the click, whole test {time.monotonic() - t0:.0f} s; "
           f"screenshots in {OUT}")

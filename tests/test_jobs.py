@@ -109,3 +109,33 @@ def test_snapshots_are_copies(jm):
     jm.wait(jid, timeout=120)
     assert jm.get(jid).series["attack"] != ["tampered"]
     assert isinstance(jm.get(jid).stop_event, threading.Event)
+
+
+def test_worker_collects_garbage_once_each_job_has_ended(jm, monkeypatch):
+    # The dashboard turns off Streamlit's gc.collect after every rerun (.streamlit/config.toml), so the
+    # worker must free a job's cyclic garbage itself, once per job, after its final status is set.
+    import bdft_core.jobs as jobs_mod
+
+    seen = []  # the jobs' statuses at each collection
+
+    def collect(*a):
+        seen.append([j.status for j in jm.list()])
+        return 0
+
+    monkeypatch.setattr(jobs_mod.gc, "collect", collect)
+
+    def collections_after(n):
+        t0 = time.monotonic()
+        while len(seen) < n and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        return list(seen)
+
+    ok = jm.submit("attack", config={**DIGITS, "epochs": 1.0})
+    assert jm.wait(ok, timeout=120).status == "finished"
+    assert collections_after(1) == [["finished"]]
+    bad = jm.submit("attack", config={"dataset": "digits", "params": {"size": 99}})
+    assert jm.wait(bad, timeout=60).status == "failed"
+    assert sorted(collections_after(2)[1]) == ["failed", "finished"]
+    time.sleep(0.5)
+    assert len(seen) == 2  # once per job, not on every poll
+
