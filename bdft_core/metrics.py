@@ -5,6 +5,7 @@ true label is not the target that are classified as the target (the attack's lab
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from collections import OrderedDict
 
@@ -45,23 +46,48 @@ def accuracy(model, x_uint8, y, **kw) -> float:
 
 class Evaluator:
     """Holds the clean test set and the attack's triggered test set; measures CA and ASR on all of
-    them, or on a fixed seeded subset of ``live_samples`` images for the live curves.
+    them, or on a fixed seeded subset of ``live_samples`` images of each for the live curves (the
+    first ``n`` of one seeded permutation, so a smaller live set is part of a larger one).
 
     Results are remembered per model *state* (a hash of its architecture, parameters and
     buffers, plus the evaluation settings), so the same weights are never evaluated twice: a full
-    evaluation also yields the live figures (the live subsets are part of the full sets), and a
-    defense that starts from a copy of an already-evaluated model reuses them for its start."""
+    evaluation also yields the live figures of any size (the live subsets are part of the full
+    sets), and a defense that starts from a copy of an already-evaluated model reuses them for its
+    start. :meth:`with_live_samples` gives a view with another live size that shares the cache."""
 
     def __init__(self, x_test, y_test, x_bd=None, y_bd=None, live_samples: int = 2000, seed: int = 0,
                  cache_size: int = 8):
         self.x_test, self.y_test, self.x_bd, self.y_bd = x_test, y_test, x_bd, y_bd
         g = torch.Generator().manual_seed(seed)
-        self._live = torch.randperm(len(y_test), generator=g)[:live_samples].to(y_test.device)
-        self._live_bd = (torch.randperm(len(y_bd), generator=g)[:live_samples].to(y_bd.device)
-                         if y_bd is not None else None)
-        self._cache: OrderedDict[str, dict] = OrderedDict()  # state key -> {"live": ..., "full": ...}
+        self._perm = torch.randperm(len(y_test), generator=g).to(y_test.device)
+        self._perm_bd = torch.randperm(len(y_bd), generator=g).to(y_bd.device) if y_bd is not None else None
+        self.live_samples = _live_size(live_samples)
+        # state key -> {"full": figures, "hits": (clean, triggered) per-image hits, ("live", n): figures}
+        self._cache: OrderedDict[str, dict] = OrderedDict()
         self._cache_size = cache_size
-        self.evaluated_images = 0  # images actually run through a model (cache hits cost nothing)
+        self._counter = [0]  # shared with views: images actually run through a model
+
+    @property
+    def evaluated_images(self) -> int:
+        """Images actually run through a model (cache hits cost nothing), this evaluator and its views."""
+        return self._counter[0]
+
+    def with_live_samples(self, n: int | None) -> "Evaluator":
+        """This evaluator with live evaluations on ``n`` images of each set (None: unchanged); the
+        data, the cache and the image count are shared, so figures measured by one serve the other."""
+        if n is None or _live_size(n) == self.live_samples:
+            return self
+        view = copy.copy(self)
+        view.live_samples = _live_size(n)
+        return view
+
+    @property
+    def _live(self) -> torch.Tensor:
+        return self._perm[:self.live_samples]
+
+    @property
+    def _live_bd(self) -> torch.Tensor | None:
+        return self._perm_bd[:self.live_samples] if self._perm_bd is not None else None
 
     @staticmethod
     def _state_key(model, kw) -> str:
@@ -81,34 +107,44 @@ class Evaluator:
             self._cache.popitem(last=False)
         return entry
 
-    def __call__(self, model, live: bool = False, **kw) -> dict[str, float | None]:
+    def __call__(self, model, live: bool = False, live_samples: int | None = None, **kw) -> dict[str, float | None]:
+        """CA and ASR of ``model``: on the whole test sets, or with ``live`` on the live subsets
+        (``live_samples`` images of each; None: this evaluator's size). ``kw``: :func:`predict`'s
+        settings (``amp_dtype``, ``channels_last``)."""
         entry = self._hit(self._state_key(model, kw))
-        which = "live" if live else "full"
-        if which in entry:
-            return dict(entry[which])
-        if live:
-            self.evaluated_images += len(self._live) + (len(self._live_bd) if self._live_bd is not None else 0)
-            ca = accuracy(model, self.x_test[self._live], self.y_test[self._live], **kw)
-            asr = (accuracy(model, self.x_bd[self._live_bd], self.y_bd[self._live_bd], **kw)
-                   if self.y_bd is not None else None)
-            entry["live"] = {"clean_acc": ca, "asr": asr}
-        else:
-            self.evaluated_images += len(self.y_test) + (len(self.y_bd) if self.y_bd is not None else 0)
-            hit = predict(model, self.x_test, **kw) == self.y_test.to(next(model.parameters()).device)
-            ca = _mean(hit)
-            live = {"clean_acc": _mean(hit[self._live.to(hit.device)]), "asr": None}
-            asr = None
-            if self.y_bd is not None:
-                hit_bd = predict(model, self.x_bd, **kw) == self.y_bd.to(hit.device)
-                asr = _mean(hit_bd)
-                live["asr"] = _mean(hit_bd[self._live_bd.to(hit.device)])
-            entry["full"] = {"clean_acc": ca, "asr": asr}
-            entry.setdefault("live", live)
-        return dict(entry[which])
+        if not live:
+            if "full" not in entry:
+                self._counter[0] += len(self.y_test) + (len(self.y_bd) if self.y_bd is not None else 0)
+                hit = predict(model, self.x_test, **kw) == self.y_test.to(next(model.parameters()).device)
+                hit_bd = (predict(model, self.x_bd, **kw) == self.y_bd.to(hit.device)) if self.y_bd is not None else None
+                entry["hits"] = (hit, hit_bd)
+                entry["full"] = {"clean_acc": _mean(hit), "asr": _mean(hit_bd) if hit_bd is not None else None}
+            return dict(entry["full"])
+        n = _live_size(live_samples) if live_samples is not None else self.live_samples
+        idx, idx_bd = self._perm[:n], (self._perm_bd[:n] if self._perm_bd is not None else None)
+        if ("live", n) not in entry:
+            if "hits" in entry:  # the full pass already holds every live image's result
+                hit, hit_bd = entry["hits"]
+                entry[("live", n)] = {"clean_acc": _mean(hit[idx.to(hit.device)]),
+                                      "asr": _mean(hit_bd[idx_bd.to(hit.device)]) if hit_bd is not None else None}
+            else:
+                self._counter[0] += len(idx) + (len(idx_bd) if idx_bd is not None else 0)
+                ca = accuracy(model, self.x_test[idx], self.y_test[idx], **kw)
+                asr = accuracy(model, self.x_bd[idx_bd], self.y_bd[idx_bd], **kw) if idx_bd is not None else None
+                entry[("live", n)] = {"clean_acc": ca, "asr": asr}
+        return dict(entry[("live", n)])
 
     @property
     def live_sizes(self) -> tuple[int, int]:
         return len(self._live), (len(self._live_bd) if self._live_bd is not None else 0)
+
+
+def _live_size(n) -> int:
+    from .errors import ConfigError
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"live_samples must be a whole number of images >= 1, got {n!r}")
+    return n
 
 
 def _mean(hit: torch.Tensor) -> float:

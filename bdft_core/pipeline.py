@@ -291,7 +291,9 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     extra = {}
     if d.uses_poisoned_data:
         extra["poisoned"] = poisoned_training(parent_run, cfg, s)
-    res = d.apply(model, x_clean, y_clean, evaluator=s.evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,
+    # defenses that call the evaluator themselves (ANP, NAD, ...) get train_over's live size too
+    evaluator = s.evaluator.with_live_samples((train_over or {}).get("live_samples"))
+    res = d.apply(model, x_clean, y_clean, evaluator=evaluator, callbacks=callbacks, stop=stop, seed=cfg.seed,
                   **extra, **(train_over or {}))
     total = time.perf_counter() - t0
     run = Run(id=new_run_id("defense"), kind="defense", created=time.time(), dataset=parent_run.dataset,

@@ -42,7 +42,7 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips
     translate: int = 2  # random shifts, pixels
     eval_every: int = 0  # steps between live evaluations for on_step (0: only at epoch ends)
-    live_samples: int = 2000  # test images per live evaluation (final metrics use the whole test set)
+    live_samples: int | None = None  # test images of each set per live evaluation (None: the evaluator's own, 2000 by default; final metrics use the whole test set)
     eval_at_start: bool = False  # also evaluate before the first step (defenses start from the attack's figures)
     amp: str = "auto"  # "auto" (bf16 where fast), "bf16", "off"
     channels_last: bool = True
@@ -67,6 +67,9 @@ class TrainConfig:
             raise ConfigError(f"translate must be >= 0 pixels, got {self.translate}")
         if not self.sam_rho >= 0:
             raise ConfigError(f"sam_rho must be >= 0, got {self.sam_rho}")
+        if self.live_samples is not None and (isinstance(self.live_samples, bool) or not isinstance(self.live_samples, int)
+                                              or self.live_samples < 1):
+            raise ConfigError(f"live_samples must be a whole number of images >= 1 (or None), got {self.live_samples!r}")
         if self.whiten_bias_epochs is not None and not self.whiten_bias_epochs >= 0:
             raise ConfigError(f"whiten_bias_epochs must be >= 0 (or None: throughout), got {self.whiten_bias_epochs}")
         return self
@@ -146,7 +149,8 @@ class Trainer:
     def _evaluate(self, live: bool) -> dict:
         if self.evaluator is None:
             return {"clean_acc": None, "asr": None}
-        return self.evaluator(self.model, live=live, amp_dtype=self.amp, channels_last=self.cfg.channels_last)
+        kw = {"live_samples": self.cfg.live_samples} if live and self.cfg.live_samples is not None else {}
+        return self.evaluator(self.model, live=live, amp_dtype=self.amp, channels_last=self.cfg.channels_last, **kw)
 
     def _sam_second_pass(self, model, xb, yb, cfg) -> None:
         """Foret et al. 2021 (ICLR), "Sharpness-Aware Minimization": perturb the weights by

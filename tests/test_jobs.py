@@ -139,3 +139,26 @@ def test_worker_collects_garbage_once_each_job_has_ended(jm, monkeypatch):
     time.sleep(0.5)
     assert len(seen) == 2  # once per job, not on every poll
 
+
+def test_live_curves_of_every_stage_use_the_jobs_live_sample_size(jm, monkeypatch):
+    # The dashboard's live points are measured on jobs.LIVE_SAMPLES images of each test set, in the
+    # attack's trainer and in defenses that call the evaluator themselves (ANP); final figures use all.
+    import bdft_core.jobs as jobs_mod
+    import bdft_core.metrics as metrics_mod
+
+    monkeypatch.setattr(jobs_mod, "LIVE_SAMPLES", 12)
+    sizes, real = [], metrics_mod.accuracy
+
+    def accuracy(model, x, y, **kw):
+        sizes.append(len(y))
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(metrics_mod, "accuracy", accuracy)
+    a = jm.wait(jm.submit("attack", config={**DIGITS, "epochs": 1.0}), timeout=120)
+    assert a.status == "finished", a.error
+    assert sizes and set(sizes) == {12}, sizes
+    sizes.clear()
+    d = jm.wait(jm.submit("defend", parent=a.result["run_id"], defenses=["anp"],
+                          params={"anp": {"mask_steps": 6}}, clean_fraction=0.3), timeout=180)
+    assert d.status == "finished", d.error
+    assert sizes and set(sizes) == {12}, sizes

@@ -92,6 +92,47 @@ def test_evaluator_remembers_a_model_state_and_derives_live_figures_from_a_full_
     assert ev.evaluated_images == n_full + 4 * 40
 
 
+
+def test_live_evaluations_use_the_size_asked_for_and_share_what_was_measured():
+    d, m = _setup()
+    x_bd, y_bd = d.x_test[:50], torch.zeros(50, dtype=torch.long)
+    ev = Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=40)
+    small = ev(m, live=True, live_samples=10)
+    assert ev.evaluated_images == 10 + 10
+    assert small == Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=10)(m, live=True)  # the first 10 of the 40
+    view = ev.with_live_samples(10)
+    assert view.live_sizes == (10, 10) and ev.live_sizes == (40, 40)
+    assert view(m, live=True) == small and ev.evaluated_images == 20  # the view shares the cache
+    ev(m)  # a full pass; every live size is then derived from it
+    n_full = 20 + len(d.y_test) + 50
+    assert ev.evaluated_images == view.evaluated_images == n_full
+    assert ev(m, live=True) == Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=40)(m, live=True)
+    assert ev(m, live=True, live_samples=25) == Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=25)(m, live=True)
+    assert ev.evaluated_images == n_full
+    assert ev.with_live_samples(None) is ev and ev.with_live_samples(40) is ev
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ConfigError, match="live_samples"):
+            ev.with_live_samples(bad)
+        with pytest.raises(ConfigError, match="live_samples"):
+            ev(m, live=True, live_samples=bad)
+    with pytest.raises(ConfigError, match="live_samples"):
+        TrainConfig(live_samples=0).validate()
+
+
+def test_trainer_evaluates_live_points_on_train_configs_live_samples():
+    d, m = _setup()
+    x_bd, y_bd = d.x_test[:50], torch.zeros(50, dtype=torch.long)
+    ev = Evaluator(d.x_test, d.y_test, x_bd, y_bd, live_samples=40)
+    cfg = TrainConfig(epochs=1, batch_size=256, eval_every=1, live_samples=7, amp="off")
+    steps = -(-len(d.y_train) // 256)
+    tr = Trainer(m, d.x_train, d.y_train, cfg, evaluator=ev)
+    points = []
+    tr.add_callback("on_step", points.append)
+    tr.run()
+    assert len(points) == steps - 1  # every step but the last, which ends the epoch
+    # a live pass of 7 + 7 images after each of those steps, then the full pass (whose live point is derived)
+    assert ev.evaluated_images == (steps - 1) * (7 + 7) + len(d.y_test) + 50
+
 def test_untrained_parameters_get_no_gradient_and_are_restored_afterwards():
     d, m = _setup((8, 8, 8))
     body_before = [p.detach().clone() for p in m.body.parameters()]
