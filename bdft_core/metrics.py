@@ -81,14 +81,6 @@ class Evaluator:
         view.live_samples = _live_size(n)
         return view
 
-    @property
-    def _live(self) -> torch.Tensor:
-        return self._perm[:self.live_samples]
-
-    @property
-    def _live_bd(self) -> torch.Tensor | None:
-        return self._perm_bd[:self.live_samples] if self._perm_bd is not None else None
-
     @staticmethod
     def _state_key(model, kw) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -136,10 +128,12 @@ class Evaluator:
 
     @property
     def live_sizes(self) -> tuple[int, int]:
-        return len(self._live), (len(self._live_bd) if self._live_bd is not None else 0)
+        """Images of the clean and the triggered test set in one live evaluation."""
+        return len(self._perm[:self.live_samples]), len(self._perm_bd[:self.live_samples]) if self._perm_bd is not None else 0
 
 
 def _live_size(n) -> int:
+    """``n`` if it is a valid number of live-evaluation images, else a ConfigError."""
     from .errors import ConfigError
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .data import augment
 from .device import amp_dtype as pick_amp
 from .errors import ConfigError
-from .metrics import Evaluator, autocast_ctx
+from .metrics import Evaluator, _live_size, autocast_ctx
 from .schedules import Schedule, WarmupLinear
 
 
@@ -42,7 +42,9 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips
     translate: int = 2  # random shifts, pixels
     eval_every: int = 0  # steps between live evaluations for on_step (0: only at epoch ends)
-    live_samples: int | None = None  # test images of each set per live evaluation (None: the evaluator's own, 2000 by default; final metrics use the whole test set)
+    # test images of each set per live evaluation (None: the evaluator's own, 2000 unless built otherwise;
+    # final metrics always use the whole test sets)
+    live_samples: int | None = None
     eval_at_start: bool = False  # also evaluate before the first step (defenses start from the attack's figures)
     amp: str = "auto"  # "auto" (bf16 where fast), "bf16", "off"
     channels_last: bool = True
@@ -67,9 +69,8 @@ class TrainConfig:
             raise ConfigError(f"translate must be >= 0 pixels, got {self.translate}")
         if not self.sam_rho >= 0:
             raise ConfigError(f"sam_rho must be >= 0, got {self.sam_rho}")
-        if self.live_samples is not None and (isinstance(self.live_samples, bool) or not isinstance(self.live_samples, int)
-                                              or self.live_samples < 1):
-            raise ConfigError(f"live_samples must be a whole number of images >= 1 (or None), got {self.live_samples!r}")
+        if self.live_samples is not None:
+            _live_size(self.live_samples)
         if self.whiten_bias_epochs is not None and not self.whiten_bias_epochs >= 0:
             raise ConfigError(f"whiten_bias_epochs must be >= 0 (or None: throughout), got {self.whiten_bias_epochs}")
         return self
