@@ -42,6 +42,24 @@ def test_badnets_explicit_position_and_user_image():
     assert torch.allclose(out, expected)
 
 
+def test_user_image_layout_when_both_readings_fit():
+    """A 3x3 RGB patch is 3 x 3 x 3 either way round: an array is read as H,W,C, a tensor as C,H,W."""
+    from bdft_core.attacks import image_to_pattern
+
+    blue = np.zeros((3, 3, 3), dtype=np.uint8)
+    blue[..., 2] = 255
+    a = build_attack("badnets", (3, 8, 8), 10, size=3, margin=0, pattern=blue)
+    assert torch.equal(a.pattern[:, 5:8, 5:8], torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 3, 3))
+    row = np.zeros((3, 3, 1), dtype=np.uint8)
+    row[1] = 255  # a white middle row, one channel, H,W,C
+    assert torch.equal(image_to_pattern(row, 1, (3, 3)), torch.tensor([[[0.0, 0, 0], [1, 1, 1], [0, 0, 0]]]))
+    chw = torch.zeros(3, 3, 3)
+    chw[2] = 1.0  # the same blue patch as a C,H,W tensor
+    assert torch.equal(image_to_pattern(chw, 3, (3, 3)), chw)
+    assert torch.equal(image_to_pattern(chw.numpy().transpose(1, 2, 0).copy(), 3, (3, 3)), chw)
+    assert torch.equal(image_to_pattern(np.zeros((3, 5, 5)), 3, (5, 5)), torch.zeros(3, 5, 5))  # C,H,W array: one reading
+
+
 def test_badnets_random_pattern_is_seeded():
     a1 = build_attack("badnets", (3, 8, 8), 10, pattern="random", seed=3)
     a2 = build_attack("badnets", (3, 8, 8), 10, pattern="random", seed=3)

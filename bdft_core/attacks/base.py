@@ -181,7 +181,9 @@ def check_rate(rate: float) -> float:
 
 def image_to_pattern(img, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """A user trigger image (path, PIL image, uint8/float array or tensor H,W[,C] / C,H,W) as a
-    float (C, H, W) tensor in [0, 1], resized to ``size`` = (H, W)."""
+    float (C, H, W) tensor in [0, 1], resized to ``size`` = (H, W). Where a 3-D shape fits both
+    layouts (a 3x3 RGB patch is 3 x 3 x 3), an array is read as H,W,C (numpy's and PIL's layout) and
+    a tensor as C,H,W (torch's)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -198,11 +200,12 @@ def image_to_pattern(img, channels: int, size: tuple[int, int]) -> torch.Tensor:
         img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         return arr.permute(2, 0, 1).contiguous() if arr.ndim == 3 else arr[None]
-    t = torch.as_tensor(np.asarray(img) if not isinstance(img, torch.Tensor) else img)
+    is_tensor = isinstance(img, torch.Tensor)
+    t = torch.as_tensor(img if is_tensor else np.asarray(img))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     if t.ndim == 2:
         t = t[None]
-    elif t.ndim == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):
+    elif t.ndim == 3 and t.shape[-1] in (1, 3) and not (is_tensor and t.shape[0] in (1, 3)):
         t = t.permute(2, 0, 1)
     if t.ndim != 3 or t.shape[0] not in (1, 3):
         raise ConfigError(f"trigger image must be H x W, H x W x C or C x H x W, got shape {tuple(t.shape)}")
