@@ -20,8 +20,9 @@ def autocast_ctx(device: torch.device, dtype):
 
 @torch.no_grad()
 def predict(model, x_uint8: torch.Tensor, batch: int = 1024, amp_dtype=None, channels_last: bool = True) -> torch.Tensor:
-    """Predicted labels for uint8 images, in eval mode (the model's mode is restored)."""
-    was_training = model.training
+    """Predicted labels for uint8 images, in eval mode. Each module's mode is restored as it was, so
+    BatchNorm layers a trainer holds in eval mode (fine-tuning the last layer only) stay there."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     dev = next(model.parameters()).device
     out = []
@@ -33,7 +34,8 @@ def predict(model, x_uint8: torch.Tensor, batch: int = 1024, amp_dtype=None, cha
             with autocast_ctx(dev, amp_dtype):
                 out.append(model(xb).argmax(1))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=dev)
 
 

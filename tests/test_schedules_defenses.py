@@ -53,7 +53,11 @@ def test_min_steps_raises_epochs_for_tiny_budgets():
     assert d.total_steps(64 * 100) == 100
 
 
-def test_last_layer_ft_changes_only_the_classifier():
+@pytest.mark.parametrize("live", [False, True])
+def test_last_layer_ft_changes_only_the_classifier(live):
+    """Nothing but the classifier moves, BatchNorm statistics included, also when live evaluations
+    (which put the model in eval mode and back) run between the steps."""
+    from bdft_core.metrics import Evaluator
     from bdft_core.models import build_model
 
     torch.manual_seed(0)
@@ -61,7 +65,9 @@ def test_last_layer_ft_changes_only_the_classifier():
     x = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
     y = torch.arange(40) % 3
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    build_defense("ft", last_layer_only=True, epochs=1, min_steps=3, lr=0.1).apply(m, x, y)
+    ev = Evaluator(x[:20], y[:20], live_samples=20) if live else None
+    build_defense("ft", last_layer_only=True, epochs=1, min_steps=3, lr=0.1, batch_size=20).apply(
+        m, x, y, evaluator=ev, eval_every=1)
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
