@@ -35,7 +35,7 @@ from torch import nn
 from .device import amp_dtype as pick_amp
 from .errors import CheckpointError, ConfigError
 from .metrics import autocast_ctx
-from .train import Progress
+from .train import Progress, batch_indices
 
 ENCODER_ASSET = "encoder_cifar10.safetensors"
 EVENTS = ("on_batch", "on_epoch_end")
@@ -495,7 +495,7 @@ def badencoder(clean_model, shadow_x_uint8: torch.Tensor, ref_x_uint8: torch.Ten
         for i in range(0, n, bs):
             if step >= total or stop.is_set():
                 break
-            idx = perm[i:i + bs]
+            idx = batch_indices(perm, i, bs)
             xb = shadow[idx].float().div_(255.0)
             xt = trigger_fn(xb)
             v = _as_float(torch.cat([xb, xt, refs_f], 0), channels_last)

@@ -8,7 +8,7 @@ from bdft_core.data import load_dataset
 from bdft_core.errors import ConfigError
 from bdft_core.metrics import Evaluator, accuracy
 from bdft_core.models import build_model
-from bdft_core.train import TrainConfig, Trainer
+from bdft_core.train import TrainConfig, Trainer, batch_indices
 
 
 def _setup(widths=(16, 16, 32)):
@@ -32,6 +32,25 @@ def test_training_learns_digits_and_fires_callbacks():
     assert steps and all(p.step % 3 == 0 for p in steps)
     assert all(p.clean_acc is not None and 0 <= p.clean_acc <= 1 and p.lr >= 0 for p in epochs)
     assert len(res.history) == len(epochs) + len(steps)
+
+
+def test_a_last_batch_of_one_image_takes_its_neighbour():
+    perm = torch.arange(9)
+    assert [batch_indices(perm, i, 4).tolist() for i in range(0, 9, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [7, 8]]
+    assert [batch_indices(perm, i, 4).tolist() for i in range(0, 8, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [batch_indices(perm[:3], i, 1).tolist() for i in range(3)] == [[0], [1], [2]]  # batch size 1 stays 1
+    assert batch_indices(perm[:1], 0, 4).tolist() == [0]
+
+
+def test_129_images_in_batches_of_64_train_on_8x8_digits():
+    """fastnet's last block is 1x1 on 8x8 images, where BatchNorm cannot train on one image: the
+    third batch of 129 (one image) used to raise; now it takes a neighbour, and the epoch has 3 steps."""
+    d, m = _setup()
+    tr = Trainer(m, d.x_train[:129], d.y_train[:129], TrainConfig(epochs=1, batch_size=64))
+    seen = []
+    tr.add_callback("on_batch", seen.append)
+    res = tr.run()
+    assert res.steps == 3 and not res.stopped and [p.step for p in seen] == [1, 2, 3]
 
 
 def test_stop_flag_ends_within_one_step_and_keeps_progress():

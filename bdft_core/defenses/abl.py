@@ -58,7 +58,7 @@ from ..device import amp_dtype as pick_amp
 from ..errors import ConfigError
 from ..metrics import accuracy, autocast_ctx
 from ..schedules import Schedule, WarmupLinear
-from ..train import Progress, Trainer, TrainResult
+from ..train import Progress, Trainer, TrainResult, batch_indices
 from .base import Defense, PoisonedTraining
 from .spectral_signatures import NEEDS_POISONED, eval_batches, fresh_model, retrain_config, require_poisoned
 
@@ -181,7 +181,7 @@ def _sgd_phase(model, x, y, n_steps, batch_size, lr_at, loss_fn, opt, gen, stop,
                     why = "halt"
                     break
                 training_mode()
-            idx = perm[i:i + bs]
+            idx = batch_indices(perm, i, bs)
             xb = x[idx]
             if flip or translate:
                 xb = augment(xb, flip=flip, translate=translate, generator=gen)

@@ -252,6 +252,7 @@ def fit(model, x_uint8: torch.Tensor, target: torch.Tensor, epochs: float, lr: f
     from ..data import augment
     from ..metrics import autocast_ctx
     from ..schedules import WarmupLinear
+    from ..train import batch_indices
 
     t0 = time.perf_counter()
     dev = model_device(model)
@@ -272,7 +273,7 @@ def fit(model, x_uint8: torch.Tensor, target: torch.Tensor, epochs: float, lr: f
         for i in range(0, n, bs):
             if step >= total or (stop is not None and stop.is_set()):
                 break
-            idx = perm[i:i + bs]
+            idx = batch_indices(perm, i, bs)
             xb = x_uint8[idx]
             if flip:
                 xb = augment(xb, flip=True, translate=0, generator=gen)
