@@ -209,7 +209,10 @@ def test_defense_lab_runs_defenses_live(app):
     _page(app, "defense_lab")
     assert app.selectbox(key="def_run").value
     assert app.multiselect(key="def_defenses").value == ["ft", "sft"]
-    assert len(app.get("plotly_chart")) == 1  # the schedule, drawn before running
+    charts = app.get("plotly_chart")
+    assert len(charts) == 1  # the schedules, drawn before running: FT's constant rate and SFT's two phases
+    names = [t["name"] for t in json.loads(charts[0].proto.spec)["data"]]
+    assert names == ["Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
     app.slider(key="def_budget").set_value(30.0).run()
     assert any("clean training images" in c.value for c in app.caption)
     app.multiselect(key="def_defenses").set_value(["ft", "sft", "fine_pruning"]).run()

@@ -39,6 +39,18 @@ def test_other_schedules():
     assert w[0] == 0 and w[2] == pytest.approx(1.0) and w[4] == pytest.approx(0.0)
 
 
+def test_ft_and_sft_describe_their_schedules_for_plotting():
+    """The Defense lab plots every defense whose has_schedule() is true: FT (a constant lr) and SFT
+    (base/max rates, no single lr) both, with as many values as the training takes steps."""
+    ft, sft = build_defense("ft", lr=0.02), build_defense("sft")
+    assert ft.has_schedule() and sft.has_schedule()
+    n = 1000  # 16 steps per epoch at batch 64
+    assert ft.schedule_values(n) == [0.02] * ft.total_steps(n)
+    assert sft.schedule_values(n) == SuperFineTuning(base=3e-4, max1=0.1, max2=0.001, phase1=0.4,
+                                                     cycles=1).values(sft.total_steps(n))
+    assert not build_defense("abl").has_schedule()  # it trains on the poisoned set, in phases of its own
+
+
 def test_registry_and_unknown_defense():
     assert {"ft", "sft"} <= set(DEFENSES)
     with pytest.raises(ConfigError, match="unknown defense"):

@@ -88,7 +88,9 @@ class Defense:
         """Whether :meth:`schedule_values` describes this defense's training (a fine-tuning on the
         clean data); defenses with their own phases override or answer False."""
         p = self.params
-        return not self.uses_poisoned_data and all(k in p for k in ("lr", "epochs", "batch_size"))
+        own = type(self).schedule is not Defense.schedule  # SFT: base_lr, max_lr1, max_lr2, no single lr
+        return (not self.uses_poisoned_data and (own or "lr" in p)
+                and all(k in p for k in ("epochs", "batch_size")))
 
     def epochs_for(self, n_clean: int) -> float:
         """Passes over the clean data: ``epochs``, raised so that at least ``min_steps`` steps run
