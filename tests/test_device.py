@@ -49,6 +49,29 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     assert on["faults_per_alloc"] <= 0.1 * on["pages"]
 
 
+@pytest.mark.parametrize("machine,avx512_bf16,amx,onednn,fast", [
+    ("x86_64", False, False, True, False),  # AVX-512 without bf16 (Skylake..Ice Lake): oneDNN says yes, but emulates
+    ("x86_64", True, False, True, True),    # AVX512-BF16 (Cooper Lake, Zen 4/5)
+    ("x86_64", False, True, True, True),    # AMX (Sapphire Rapids)
+    ("x86_64", False, False, False, False),  # AVX2 only
+    ("aarch64", False, False, True, True),  # ARM: oneDNN checks the bf16 extension itself
+    ("aarch64", False, False, False, False),
+])
+def test_bf16_autocast_only_where_the_cpu_has_bf16_instructions(monkeypatch, machine, avx512_bf16, amx, onednn, fast):
+    import platform
+
+    import torch
+
+    from bdft_core.device import amp_dtype, cpu_bf16_fast
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert cpu_bf16_fast() is fast
+    assert amp_dtype(torch.device("cpu")) == (torch.bfloat16 if fast else None)
+
+
 def test_device_description_names_the_arithmetic_runs_use():
     """Runs record the device with the precision that "auto" picks there, since bf16 and fp32 give
     different figures for the same seed; a setting given explicitly is described by what it selects."""
