@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sqlite3
 import sys
 import threading
 from typing import Any
@@ -16,6 +18,7 @@ from .data import DATASETS
 from .defenses import DEFENSES
 from .errors import BdftError
 from .models import MODELS
+from .runs import finite_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,11 +186,15 @@ def main(argv=None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted")
+    except (ValueError, TypeError, OSError, sqlite3.Error) as exc:  # bad input bdft did not name itself
+        if os.environ.get("BDFT_DEBUG"):
+            raise
+        return _fail(f"{exc} ({type(exc).__name__}; BDFT_DEBUG=1 shows where)")
 
 
 def _emit(obj: dict, as_json: bool, human: str) -> None:
     if as_json:
-        print(json.dumps(obj, default=str))
+        print(json.dumps(finite_json(obj), default=str))
     else:
         print(human)
 
@@ -321,7 +328,7 @@ def _runs(a, store) -> int:
         run = store.get(a.run_id)
         obj = run.to_json()
         obj["children"] = [c["id"] for c in store.children(a.run_id)]
-        _emit(obj, a.json, json.dumps(obj, indent=1, default=str))
+        _emit(obj, a.json, json.dumps(finite_json(obj), indent=1, default=str))
         return 0
     removed = store.delete(a.run_id)
     _emit({"deleted": removed}, a.json, "deleted " + ", ".join(removed))

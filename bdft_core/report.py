@@ -10,6 +10,7 @@ import io
 import json
 
 from .figures import before_after_figure, compare_figure, label_of, pct
+from .runs import finite_json
 
 SUMMARY_FIELDS = ["id", "kind", "parent", "created", "dataset", "model", "attack", "defense", "status",
                   "clean_acc", "asr", "seconds", "poison_rate", "clean_fraction", "seed", "device"]
@@ -48,7 +49,7 @@ def history_csv(runs) -> str:
 
 
 def runs_json(runs) -> str:
-    return json.dumps({"runs": [r.to_json() for r in runs]}, indent=1, default=str)
+    return json.dumps(finite_json({"runs": [r.to_json() for r in runs]}), indent=1, default=str)
 
 
 def html_report(runs, title: str = "bdft report") -> str:

@@ -16,6 +16,8 @@ weights are safetensors, records are JSON."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import platform
 import re
@@ -77,8 +79,21 @@ class Run:
 
     @classmethod
     def from_json(cls, d: dict) -> "Run":
+        """A record read back; TypeError when it is not one (a field missing or of the wrong type)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a run record is a JSON object, not {type(d).__name__}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        run = cls(**known)
+        for name, types in (("id", str), ("kind", str), ("dataset", str), ("model", dict), ("attack", dict),
+                            ("config", dict), ("history", list), ("final", dict), ("timings", dict),
+                            ("defense", (dict, type(None))), ("parent", (str, type(None)))):
+            if not isinstance(getattr(run, name), types):
+                raise TypeError(f"its field {name!r} is {type(getattr(run, name)).__name__}")
+        m = run.model
+        if not (isinstance(m.get("name"), str) and isinstance(m.get("num_classes"), int)
+                and isinstance(m.get("channels"), int) and isinstance(m.get("kwargs", {}), dict)):
+            raise TypeError("its model needs a name, num_classes and channels")
+        return run
 
     @property
     def name(self) -> str:
@@ -96,6 +111,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _model_shapes(spec: dict) -> dict[str, torch.Tensor]:
+    """The state a run's model has, built on the meta device: names and shapes, no memory, whatever
+    size a record claims."""
+    from .errors import BdftError
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(spec["name"], spec["num_classes"], spec["channels"], **spec.get("kwargs", {})).state_dict()
+    except (BdftError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the record's model {spec.get('name')!r} cannot be built here ({exc})") from None
 
 
 def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -125,6 +153,13 @@ def load_state_checked(model: torch.nn.Module, path_or_bytes, what: str = "check
         raise CheckpointError(f"{what} is not a valid safetensors file (corrupt, truncated, or another format "
                               f"such as a pickled .pt): {exc}") from None
     expected = model.state_dict()
+    check_state_fits(expected, state, what)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def check_state_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """CheckpointError unless ``state`` has exactly ``expected``'s names and shapes (``expected`` may
+    live on the meta device: only shapes are compared)."""
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -139,7 +174,6 @@ def load_state_checked(model: torch.nn.Module, path_or_bytes, what: str = "check
             parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
         raise CheckpointError(f"{what} does not fit this model: " + "; ".join(parts) +
                               ". Was it made for another model, dataset or number of classes?")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
 class RunStore:
@@ -147,10 +181,44 @@ class RunStore:
         self.root = Path(root).expanduser() if root else runs_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = self.root / "index.sqlite"
+        self.rebuilt: dict | None = None  # set when an unreadable index was put aside and rebuilt
+        try:
+            self._create_index()
+        except sqlite3.OperationalError:  # locked, read-only, ...: not damage, say so
+            raise
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            self._rebuild_index(exc)
+
+    def _create_index(self) -> None:
         with closing(self._db()) as db, db:
             db.execute("""CREATE TABLE IF NOT EXISTS runs (
                 id TEXT PRIMARY KEY, kind TEXT NOT NULL, parent TEXT, created REAL NOT NULL,
                 dataset TEXT, name TEXT, status TEXT, clean_acc REAL, asr REAL, seconds REAL, summary TEXT)""")
+            db.execute("SELECT COUNT(*) FROM runs").fetchone()  # reads the table: damage shows here
+
+    def _rebuild_index(self, exc: Exception) -> None:
+        """The index is only a cache of the runs' own records: put the damaged file aside (nothing is
+        deleted) and index every run folder whose record and weights are readable again."""
+        aside = self.index.with_name(f"index.sqlite.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.index, aside)
+        self._create_index()
+        indexed, skipped = [], []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and _RUN_ID.fullmatch(d.name):
+                try:
+                    run = Run.from_json(json.loads((d / "run.json").read_text()))
+                    if run.id != d.name or not (d / "model.safetensors").is_file():
+                        raise ValueError("record and folder disagree, or no weights")
+                except (OSError, ValueError, TypeError) as why:
+                    skipped.append(f"{d.name} ({why})")
+                    continue
+                self._index(run)
+                indexed.append(run.id)
+        self.rebuilt = {"error": str(exc), "moved_to": str(aside), "indexed": indexed, "skipped": skipped}
+        logging.getLogger("bdft").warning(
+            "the runs index %s was unreadable (%s): kept as %s and rebuilt from the run folders, %d run(s) "
+            "indexed%s", self.index, exc, aside.name, len(indexed),
+            f", {len(skipped)} unreadable one(s) left out: {', '.join(skipped)}" if skipped else "")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.index, timeout=30)
@@ -158,8 +226,11 @@ class RunStore:
         return db
 
     def path(self, run_id: str) -> Path:
-        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
-            raise RunNotFound(f"{run_id!r} is not a valid run id")
+        """A run's folder. Only ids of the form new_run_id makes are accepted, so no id (from an
+        imported file, say) can name the store's own files or folders (index.sqlite, sweeps/)."""
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+            raise RunNotFound(f"no stored run {run_id!r}: run ids look like 20261127-211509-attack-ad05b7 "
+                              "(list them with: python -m bdft_core runs list)")
         return self.root / run_id
 
     # -- writing -------------------------------------------------------------------------------
@@ -171,9 +242,9 @@ class RunStore:
         d.mkdir(parents=True, exist_ok=True)
         # the record travels inside the weights file, so a downloaded checkpoint can be re-imported
         meta = {"bdft_run": run.id, "model": json.dumps(run.model),
-                "run": json.dumps(run.to_json(), default=_json_default)}
+                "run": dumps(run.to_json())}
         _atomic_write_bytes(d / "model.safetensors", st_save(state_for_saving(model), metadata=meta))
-        _atomic_write_bytes(d / "run.json", json.dumps(run.to_json(), indent=1, default=_json_default).encode())
+        _atomic_write_bytes(d / "run.json", dumps(run.to_json(), indent=1).encode())
         self._index(run)
         return run
 
@@ -209,9 +280,10 @@ class RunStore:
             raise CheckpointError(f"unexpected file {bad[0]!r} in an exported run")
         try:
             run = Run.from_json(json.loads(files["run.json"]))
-            st_load(bytes(files["model.safetensors"]))
+            state = st_load(bytes(files["model.safetensors"]))
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError, SafetensorError, ValueError) as exc:
             raise CheckpointError(f"an exported run is unreadable ({exc})") from None
+        check_state_fits(_model_shapes(run.model), state, f"the weights of exported run {run.id}")
         d = self.path(run.id)
         d.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():  # the record last: the index row follows it
@@ -249,7 +321,7 @@ class RunStore:
             raise RunNotFound(f"no stored run {run_id!r} in {self.root} (list them with: python -m bdft_core runs list)")
         try:
             return Run.from_json(json.loads(p.read_text()))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as exc:
             raise CheckpointError(f"the record of run {run_id} is unreadable ({exc})") from None
 
     def load_model(self, run_id: str, device="cpu"):
@@ -290,7 +362,7 @@ class RunStore:
         if not name.isidentifier():
             raise ValueError(f"bad result name {name!r}")
         self.get(run_id)
-        _atomic_write_bytes(self.path(run_id) / f"{name}.json", json.dumps(obj, indent=1, default=_json_default).encode())
+        _atomic_write_bytes(self.path(run_id) / f"{name}.json", dumps(obj, indent=1).encode())
 
     def load_result(self, run_id: str, name: str) -> dict | None:
         """A result kept with :meth:`save_result`, or None."""
@@ -309,15 +381,26 @@ class RunStore:
 
     # -- removing ------------------------------------------------------------------------------
     def delete(self, run_id: str) -> list[str]:
-        """Delete a run and the defenses derived from it; returns the ids removed."""
-        self.get(run_id)
-        removed = []
-        for child in self.children(run_id):
-            removed += self.delete(child["id"])
+        """Delete a run and the runs derived from it (its defenses, and theirs); returns the ids
+        removed, the derived ones first. Works from the index and the folders alone, so a run whose
+        record is damaged, or whose folder is gone, can still be deleted."""
+        folder = self.path(run_id)
+        with closing(self._db()) as db:
+            indexed = db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if not indexed and not folder.is_dir():
+                raise RunNotFound(f"no stored run {run_id!r} in {self.root} (list them with: python -m bdft_core runs list)")
+            found, todo = [], [run_id]
+            while todo:  # every descendant once, even if a damaged index made a cycle
+                rid = todo.pop()
+                if rid not in found:
+                    found.append(rid)
+                    todo += [r[0] for r in db.execute("SELECT id FROM runs WHERE parent = ?", (rid,))]
         with closing(self._db()) as db, db:
-            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
-        shutil.rmtree(self.path(run_id), ignore_errors=True)
-        return removed + [run_id]
+            db.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in found])
+        for rid in found:
+            if _RUN_ID.fullmatch(rid):
+                shutil.rmtree(self.root / rid, ignore_errors=True)
+        return found[::-1]
 
     def gc(self) -> list[str]:
         """Remove folders that never made it into the index (a crash mid-write)."""
@@ -339,9 +422,28 @@ def _exportable(name: str) -> bool:
         name.endswith(".json") and name[:-5].isidentifier())
 
 
+def finite_json(o):
+    """``o`` with every NaN and infinity replaced by None: JSON has no NaN, and strict readers (jq,
+    JavaScript, Python's ``json.loads(..., parse_constant=...)``) reject the bare ``NaN`` Python writes
+    for it. A defense's first history row has no loss yet (NaN), and an ASR with no eligible test
+    image is NaN."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_json(v) for v in o]
+    return o
+
+
+def dumps(obj, **kw) -> str:
+    """``json.dumps`` for records and results: tensors as lists, paths as text, NaN/inf as null."""
+    return json.dumps(finite_json(obj), default=_json_default, **kw)
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
-        return o.tolist() if o.numel() <= 64 else f"<tensor {tuple(o.shape)}>"
+        return finite_json(o.tolist()) if o.numel() <= 64 else f"<tensor {tuple(o.shape)}>"
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -160,3 +160,100 @@ def test_a_stored_run_keeps_the_attack_defaults_it_was_made_with(stored):
     assert attack_config_of(desc).params == {}
     # the run's own attack (BadNets, all defaults): the recorded settings are today's defaults
     assert attack_config_of(run).params == run.attack["params"]
+
+
+def _strict(text):
+    def no_constant(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    return json.loads(text, parse_constant=no_constant)
+
+
+def test_records_are_strict_json_nan_becomes_null(stored):
+    """A defense's first history row has no loss yet (NaN): run.json and the CLI's --json hold null
+    there, which jq or JavaScript can read, not Python's bare NaN."""
+    from bdft_core.runs import dumps, finite_json
+
+    store, _, child = stored
+    rec = _strict((store.path(child.id) / "run.json").read_text())
+    assert rec["history"][0]["step"] == 0 and rec["history"][0]["loss"] is None
+    assert finite_json({"a": [1.0, float("nan"), {"b": float("inf")}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}
+    assert _strict(dumps({"t": torch.tensor([1.0, float("-inf")])})) == {"t": [1.0, None]}
+
+
+def test_delete_needs_neither_a_readable_record_nor_the_folder(stored, tmp_path):
+    src, run, child = stored
+    store = RunStore(tmp_path / "r")
+    for rid in (run.id, child.id):
+        store.import_run(src.export_run(rid))
+    (store.path(child.id) / "run.json").write_text("{broken")  # a damaged defense record
+    assert store.delete(run.id) == [child.id, run.id]  # the parent takes its damaged child with it
+    assert store.list() == [] and not store.path(child.id).exists()
+    store.import_run(src.export_run(run.id))
+    import shutil
+
+    shutil.rmtree(store.path(run.id))  # a folder removed by hand: its index row can still go
+    assert [r["id"] for r in store.list()] == [run.id]
+    assert store.delete(run.id) == [run.id] and store.list() == []
+    with pytest.raises(RunNotFound):
+        store.delete(run.id)
+
+
+def test_an_unreadable_index_is_kept_aside_and_rebuilt_from_the_run_folders(stored, tmp_path):
+    src, run, child = stored
+    store = RunStore(tmp_path / "r")
+    for rid in (run.id, child.id):
+        store.import_run(src.export_run(rid))
+    broken = tmp_path / "r" / "20260101-000000-attack-bad000"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"x")
+    store.index.write_bytes(b"this is not a database")
+    again = RunStore(tmp_path / "r")
+    assert {r["id"] for r in again.list()} == {run.id, child.id}
+    assert again.children(run.id)[0]["id"] == child.id
+    assert again.rebuilt["skipped"][0].startswith(broken.name)
+    assert (tmp_path / "r" / again.rebuilt["moved_to"]).read_bytes() == b"this is not a database"  # nothing lost
+    assert RunStore(tmp_path / "r").rebuilt is None  # rebuilt once
+
+
+def test_run_ids_cannot_name_the_stores_own_files(stored, tmp_path):
+    """A run id comes from a file when a run is imported: only the form new_run_id makes is a run."""
+    src, run, _ = stored
+    store = RunStore(tmp_path / "r")
+    (store.root / "sweeps").mkdir()
+    (store.root / "sweeps" / "grid.json").write_text("{}")
+    for rid in ("sweeps", "index.sqlite", "triggers", "..", "a b ü", 123, None):
+        with pytest.raises(RunNotFound, match="no stored run"):
+            store.path(rid)
+    files = src.export_run(run.id)
+    rec = json.loads(files["run.json"])
+    with pytest.raises(RunNotFound):
+        store.import_run({**files, "run.json": json.dumps({**rec, "id": "sweeps"}).encode()})
+    assert (store.root / "sweeps" / "grid.json").is_file() and store.list() == []
+
+
+def test_import_refuses_weights_that_do_not_fit_the_record(stored, tmp_path):
+    from safetensors.torch import save as st_save
+
+    src, run, _ = stored
+    store = RunStore(tmp_path / "r")
+    files = src.export_run(run.id)
+    other = st_save({k: v.contiguous() for k, v in build_model("fastnet", 3, 1, widths=(8, 8, 16)).state_dict().items()})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        store.import_run({**files, "model.safetensors": other})
+    rec = json.loads(files["run.json"])
+    huge = {**rec, "model": {**rec["model"], "num_classes": 3_000_000}}  # checked on the meta device: no memory
+    with pytest.raises(CheckpointError, match="does not fit"):
+        store.import_run({**files, "run.json": json.dumps(huge).encode()})
+    assert store.list() == [] and not store.path(run.id).exists()
+
+
+@pytest.mark.parametrize("change", [{"model": {}}, {"config": None}, {"id": 5}, {"history": "x"}])
+def test_a_record_with_wrong_fields_is_reported_not_a_traceback(stored, tmp_path, change):
+    src, run, _ = stored
+    store = RunStore(tmp_path / "r")
+    store.import_run(src.export_run(run.id))
+    p = store.path(run.id) / "run.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **change}))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        store.get(run.id)
