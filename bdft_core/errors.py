@@ -26,3 +26,16 @@ class RunNotFound(BdftError, KeyError):
 
     def __str__(self):  # KeyError would quote the message
         return str(self.args[0]) if self.args else "run not found"
+
+
+def check_numbers(owner: str, defaults: dict, params: dict) -> None:
+    """ConfigError for a setting whose default is a number but whose value is not one (``size=abc``
+    or ``alpha=[1, 2]`` from the command line), before any constructor trips over it with a bare
+    ValueError or TypeError."""
+    for k, v in params.items():
+        d = defaults.get(k)
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{owner}: {k} must be a number, got {v!r}") from None

@@ -69,6 +69,8 @@ def test_attack_then_defend(tmp_path):
     (["defend", "--run", "no-such-run"], "no stored run"),
     (["attack", "--dataset", "digits", "--epochs", "abc"], "invalid float"),
     (["runs", "show"], "needs a run id"),
+    (["attack", "--dataset", "digits", "--param", "size=abc"], "size must be a number, got 'abc'"),
+    (["attack", "--dataset", "digits", "--attack", "blended", "--param", "alpha=[1,2]"], "alpha must be a number"),
 ])
 def test_bad_input_one_line_no_trace(tmp_path, args, reason):
     r = cli("--runs-dir", str(tmp_path), *args, env={"BDFT_DATA_DIR": str(tmp_path), "BDFT_OFFLINE": "1"})

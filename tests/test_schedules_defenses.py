@@ -51,6 +51,13 @@ def test_ft_and_sft_describe_their_schedules_for_plotting():
     assert not build_defense("abl").has_schedule()  # it trains on the poisoned set, in phases of its own
 
 
+@pytest.mark.parametrize("kw,msg", [({"epochs": "abc"}, "epochs must be a number, got 'abc'"),
+                                    ({"lr": [0.1, 0.2]}, "lr must be a number")])
+def test_a_setting_that_is_not_a_number_is_a_config_error(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        build_defense("ft", **kw)
+
+
 def test_registry_and_unknown_defense():
     assert {"ft", "sft"} <= set(DEFENSES)
     with pytest.raises(ConfigError, match="unknown defense"):

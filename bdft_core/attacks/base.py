@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_numbers
 
 MODES = ("all_to_one", "all_to_all")
 
@@ -67,6 +67,7 @@ class Attack:
         if unknown:
             raise ConfigError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}; "
                               f"it takes {', '.join(self.defaults) or 'none'}")
+        check_numbers(self.name, self.defaults, params)
         self.params = {**self.defaults, **params}
         self._generator = torch.Generator().manual_seed(self.seed)
         self.setup()

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_numbers
 from ..schedules import Constant, Schedule
 from ..train import TrainConfig, Trainer
 
@@ -58,6 +58,7 @@ class Defense:
         if unknown:
             raise ConfigError(f"defense {self.name} has no parameter(s) {', '.join(sorted(unknown))}; "
                               f"it takes {', '.join(self.defaults)}")
+        check_numbers(f"defense {self.name}", self.defaults, params)
         self.params = {**self.defaults, **params}
         self.validate()
 
