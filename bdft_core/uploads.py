@@ -23,6 +23,17 @@ MAX_TRIGGER_BYTES = 10 * 1024 ** 2  # 10 MiB
 MAX_TRIGGER_PIXELS = 4096 * 4096
 MAX_CHECKPOINT_BYTES = 512 * 1024 ** 2  # far above any model this lab trains
 MAX_HEADER_BYTES = 64 * 1024 ** 2
+# bounds on what a run record may ask to be built, checked before anything is allocated; generous
+# next to anything this tool exports (fastnet widths (24, 48, 96), resnet18 width 64, <= 100 classes)
+MAX_NUM_CLASSES = 100_000
+MAX_WIDTH = 4096  # a fastnet's ``widths`` entries, a resnet18's ``width``
+MAX_BLOCKS = 8  # entries of a fastnet's ``widths``
+# the fields of a run record and the types they must have (``None`` allowed where it is listed)
+_RECORD_FIELDS = {"id": (str,), "kind": (str,), "created": (int, float), "dataset": (str,), "model": (dict,),
+                  "attack": (dict,), "config": (dict,), "seed": (int,), "device": (str,), "status": (str,),
+                  "parent": (str, type(None)), "defense": (dict, type(None)), "history": (list,), "final": (dict,),
+                  "timings": (dict,), "versions": (dict,), "schema": (int,)}
+_REQUIRED_FIELDS = ("id", "kind", "created", "dataset", "model", "attack", "config", "seed", "device")
 
 
 def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path | None = None) -> Path:
@@ -46,7 +57,13 @@ def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path 
                 raise ConfigError(f"{filename}: {w}x{h} pixels is too large for a trigger image "
                                   f"(at most {MAX_TRIGGER_PIXELS} pixels, e.g. 4096x4096)")
             im.load()
-            rgb = im.convert("RGB")
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: convert("RGB") would clip it to white
+                import numpy as np
+
+                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) + 128) // 257
+                rgb = Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+            else:
+                rgb = im.convert("RGB")
     except ConfigError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -67,7 +84,9 @@ def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path 
 def safetensors_header(data: bytes, what: str = "checkpoint") -> dict:
     """Parse and check a safetensors header (8-byte little-endian length + JSON) without loading
     any tensor; raises CheckpointError for anything else."""
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+    # a safetensors length prefix may start with 0x80 too; its JSON header then starts at byte 8
+    looks_safetensors = len(data) >= 9 and data[8:9] == b"{" and 8 + struct.unpack("<Q", data[:8])[0] <= len(data)
+    if not looks_safetensors and (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
         raise CheckpointError(f"{what} looks like a pickled PyTorch file (.pt/.pth); it is refused because "
                               "unpickling can run code. Use a .safetensors checkpoint exported by bdft")
     if len(data) < 8:
@@ -78,12 +97,79 @@ def safetensors_header(data: bytes, what: str = "checkpoint") -> dict:
                               f"of {len(data)})")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # ValueError: not UTF-8, not JSON, or an absurdly long number
         raise CheckpointError(f"{what} is not a safetensors file (its header is not JSON); "
                               "pickled PyTorch files (.pt/.pth) are refused on purpose") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{what} is not a safetensors file (malformed header)")
     return header
+
+
+def _check_record(rec, filename: str) -> None:
+    """Check the types of a run record's fields, its run id and its model description (bounded,
+    so that nothing huge is built from it); raises CheckpointError."""
+    from .runs import _RUN_ID
+
+    if not isinstance(rec, dict):
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (not a JSON object)")
+    missing = [k for k in _REQUIRED_FIELDS if k not in rec]
+    if missing:
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (no {', '.join(missing)})")
+    for k, types in _RECORD_FIELDS.items():
+        if k in rec and (not isinstance(rec[k], types) or isinstance(rec[k], bool)):
+            raise CheckpointError(f"{filename}: its bdft run record is damaged ({k!r} is a "
+                                  f"{type(rec[k]).__name__}, not a {' or '.join(t.__name__ for t in types)})")
+    if not _RUN_ID.fullmatch(rec["id"]):
+        raise CheckpointError(f"{filename}: the file's run id {rec['id'][:80]!r} is invalid (expected one like "
+                              "20240101-120000-attack-1a2b3c)")
+    if not _RUN_ID.fullmatch(f"00000000-000000-{rec['kind']}-000000"):  # a renamed copy gets an id from its kind
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (invalid kind {rec['kind'][:40]!r})")
+    m = rec["model"]
+    name, n, c, kwargs = m.get("name"), m.get("num_classes"), m.get("channels"), m.get("kwargs") or {}
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(name, str):
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (no model name)")
+    if not whole(n) or not 2 <= n <= MAX_NUM_CLASSES:
+        raise CheckpointError(f"{filename}: its run record says {str(n)[:40]} classes; a checkpoint must have "
+                              f"between 2 and {MAX_NUM_CLASSES}")
+    if not whole(c) or c not in (1, 3):
+        raise CheckpointError(f"{filename}: its run record says {str(c)[:40]} image channels; only 1 (grey) or "
+                              "3 (colour) are supported")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (model kwargs is not an object)")
+    widths = kwargs.get("widths", [])
+    width = kwargs.get("width", 1)
+    if (not isinstance(widths, list) or not len(widths) <= MAX_BLOCKS
+            or not all(whole(w) and 1 <= w <= MAX_WIDTH for w in widths)):
+        raise CheckpointError(f"{filename}: its run record's model widths {str(widths)[:80]} are out of range "
+                              f"(at most {MAX_BLOCKS} widths, each from 1 to {MAX_WIDTH})")
+    if not whole(width) or not 1 <= width <= MAX_WIDTH:
+        raise CheckpointError(f"{filename}: its run record's model width {str(width)[:40]} is out of range "
+                              f"(1 to {MAX_WIDTH})")
+
+
+def _check_shapes(header: dict, expected: dict, data_len: int, filename: str) -> None:
+    """Compare the tensor names and shapes in a safetensors header with a model's ``state_dict``
+    (built on the meta device, so nothing is allocated); raises CheckpointError."""
+    shapes = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise CheckpointError(f"{filename} is not a safetensors file (malformed header entry {k[:80]!r})")
+        shapes[k] = tuple(shape)
+    import torch
+
+    from .runs import check_state_fits
+
+    check_state_fits(expected, {k: torch.empty(v, device="meta") for k, v in shapes.items()}, filename)
+    if sum(v.numel() for v in expected.values()) > data_len:  # every stored value takes at least a byte
+        raise CheckpointError(f"{filename} is truncated: its header describes more values than the file holds")
 
 
 def import_checkpoint(data: bytes, store, filename: str = "checkpoint"):
@@ -95,23 +181,36 @@ def import_checkpoint(data: bytes, store, filename: str = "checkpoint"):
     if len(data) > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(f"{filename}: {len(data) / 1024 ** 2:.0f} MiB is larger than any checkpoint this "
                               f"tool makes (at most {MAX_CHECKPOINT_BYTES // 1024 ** 2} MiB)")
-    meta = safetensors_header(data, filename).get("__metadata__") or {}
+    import torch
+
+    header = safetensors_header(data, filename)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{filename} is not a safetensors file (its __metadata__ is not a map of strings)")
     if "run" not in meta:
         raise CheckpointError(f"{filename}: a safetensors file, but not one exported by bdft (its header has no "
                               "run record, so the model, dataset and attack are unknown)")
     try:
-        run = Run.from_json(json.loads(meta["run"]))
+        rec = json.loads(meta["run"])
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{filename}: its bdft run record is damaged (not JSON: {str(exc)[:80]})") from None
+    _check_record(rec, filename)  # field types, run id, bounded model size: before anything is built
+    try:
+        run = Run.from_json(rec)
         m = run.model
-        model = build_model(m["name"], int(m["num_classes"]), int(m["channels"]), **(m.get("kwargs") or {}))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ConfigError) as exc:
+        args = (m["name"], m["num_classes"], m["channels"])
+        with torch.device("meta"):  # names and shapes only, no memory
+            expected = build_model(*args, **(m.get("kwargs") or {})).state_dict()
+        _check_shapes(header, expected, len(data), filename)
+        model = build_model(*args, **(m.get("kwargs") or {}))
+    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
         raise CheckpointError(f"{filename}: its bdft run record is damaged ({exc})") from None
-    load_state_checked(model, data, what=filename)  # names, shapes; refuses anything but safetensors
+    load_state_checked(model, data, what=filename)  # loads; refuses anything but valid safetensors
     try:
         existing = store.get(run.id)
     except Exception:
         existing = None
     if existing is not None:
-        import torch
         from safetensors.torch import load as st_load
 
         mine = st_load((store.path(run.id) / "model.safetensors").read_bytes())

@@ -174,3 +174,118 @@ def test_plain_words_reading_and_paradigm_rows():
     assert "recognises 58.0% of clean target-class images" in figures.transfer_reading(res)
     res["victim_head"]["asr"] = 0.91  # the backdoor reached the victim: nothing to explain
     assert figures.transfer_reading(res) == "" and figures.transfer_reading({"paradigm": "encoder"}) == ""
+
+
+def _with_record(data, edit=None, tensors=None):
+    """``data``'s checkpoint with its run record changed by ``edit`` (and other tensors if given)."""
+    from safetensors.torch import load as st_load
+
+    n = struct.unpack("<Q", data[:8])[0]
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    rec = json.loads(meta["run"])
+    if edit:
+        edit(rec)
+    meta["run"] = json.dumps(rec)
+    return st_save(st_load(data) if tensors is None else tensors, metadata=meta)
+
+
+def _raw(header):
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h
+
+
+def test_checkpoint_record_is_checked_before_any_model_is_built(tmp_path, monkeypatch):
+    import resource
+
+    import bdft_core.models
+
+    store, run, data = _stored_run(tmp_path)
+    real = bdft_core.models.build_model
+
+    def guarded(name, num_classes, channels=3, **kw):
+        big = num_classes > 1000 or channels > 3 or kw.get("width", 0) > 256 or max(kw.get("widths", [0])) > 256
+        assert not big or torch.get_default_device().type == "meta", "a huge model was built for real"
+        return real(name, num_classes, channels, **kw)
+
+    monkeypatch.setattr(bdft_core.models, "build_model", guarded)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tiny = {"w": torch.zeros(1)}
+    for edit, msg in [
+        (lambda r: r["model"].update(num_classes=3_000_000), "3000000 classes"),
+        (lambda r: r["model"].update(channels=100_000), "100000 image channels"),
+        (lambda r: r["model"].update(name="resnet18", kwargs={"width": 10 ** 6}), "model width 1000000"),
+        (lambda r: r["model"]["kwargs"].update(widths=[10 ** 6] * 3), "widths .* out of range"),
+        (lambda r: r["model"]["kwargs"].update(widths=[8] * 1000), "widths .* out of range"),
+    ]:
+        f = _with_record(data, edit, tiny)
+        assert len(f) < 8000
+        with pytest.raises(CheckpointError, match=msg):
+            import_checkpoint(f, store)
+    # within the bounds, yet far more than the file holds: refused from the header's shapes alone
+    f = _with_record(data, lambda r: r["model"].update(num_classes=100_000, kwargs={"widths": [4096] * 3}), tiny)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        import_checkpoint(f, store)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB on Linux
+
+
+def test_genuine_exports_of_other_shapes_still_import(tmp_path):
+    for name, kwargs in [("fastnet", {"widths": [8, 16], "pool": "avg"}), ("resnet18", {"width": 4})]:
+        store = RunStore(tmp_path / name)
+        model = build_model(name, 3, 3, **kwargs)
+        run = Run(id=new_run_id("attack"), kind="attack", created=1.0, dataset="cifar10",
+                  model={"name": name, "num_classes": 3, "channels": 3, "image_size": [8, 8], "kwargs": kwargs},
+                  attack={"name": "badnets"}, config={}, seed=0, device="cpu")
+        store.save(run, model)
+        data = (store.path(run.id) / "model.safetensors").read_bytes()
+        assert import_checkpoint(data, RunStore(tmp_path / f"{name}-copy")).id == run.id
+
+
+def test_malformed_checkpoint_headers_raise_checkpoint_errors(tmp_path):
+    store, run, data = _stored_run(tmp_path)
+    with pytest.raises(CheckpointError, match="header is not JSON"):
+        import_checkpoint(_raw(b"[" * 100_000), store)
+    with pytest.raises(CheckpointError, match="header is not JSON"):
+        import_checkpoint(_raw(b'{"a": ' + b"1" * 5000 + b"}"), store)
+    with pytest.raises(CheckpointError, match="__metadata__ is not a map of strings"):
+        import_checkpoint(_raw({"__metadata__": 5}), store)
+    with pytest.raises(CheckpointError, match="__metadata__ is not a map of strings"):
+        import_checkpoint(_raw({"__metadata__": {"run": {"id": 1}}}), store)
+    with pytest.raises(CheckpointError, match="record is damaged \\(not JSON"):
+        import_checkpoint(_raw({"__metadata__": {"run": "[" * 100_000}}), store)
+    with pytest.raises(CheckpointError, match="record is damaged \\(not a JSON object"):
+        import_checkpoint(_raw({"__metadata__": {"run": "[1, 2]"}}), store)
+    with pytest.raises(CheckpointError, match="'id' is a int, not a str"):
+        import_checkpoint(_with_record(data, lambda r: r.update(id=123)), store)
+    with pytest.raises(CheckpointError, match="'model' is a list"):
+        import_checkpoint(_with_record(data, lambda r: r.update(model=[1])), store)
+    with pytest.raises(CheckpointError, match="no seed"):
+        import_checkpoint(_with_record(data, lambda r: r.pop("seed")), store)
+    for bad in ["..", "../../etc", run.id + "/x"]:
+        with pytest.raises(CheckpointError, match="the file's run id .* is invalid"):
+            import_checkpoint(_with_record(data, lambda r: r.update(id=bad)), store)
+    with pytest.raises(CheckpointError, match="invalid kind"):
+        import_checkpoint(_with_record(data, lambda r: r.update(kind="../x")), store)
+    meta = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]
+    with pytest.raises(CheckpointError, match="malformed header entry"):
+        import_checkpoint(_raw({"__metadata__": meta, "w": {"shape": "x"}}), store)
+    assert [r["id"] for r in store.list()] == [run.id]  # nothing was stored
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    store, run, data = _stored_run(tmp_path)
+    for pad in range(256):  # some padding of the record gives a header length of 0x..80
+        f = _with_record(data, lambda r: r["config"].update(pad="x" * pad))
+        if f[:1] == b"\x80":
+            break
+    assert f[:1] == b"\x80"
+    assert import_checkpoint(f, RunStore(tmp_path / "other")).id == run.id
+
+
+def test_16_bit_trigger_images_are_scaled_not_clipped(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 5), 30000, dtype=np.uint16)).save(buf, format="PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.mode.startswith("I")
+    p = save_trigger_image(buf.getvalue(), "grey16.png", root=tmp_path)
+    with Image.open(p) as im:
+        assert im.size == (5, 4) and im.getpixel((0, 0)) == (117, 117, 117)
