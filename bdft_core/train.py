@@ -216,9 +216,12 @@ class Trainer:
         seen = 0
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
 
+        last_point = [-1]  # the step of the last curve point, so a stop there does not add it twice
+
         def progress(event, step, metrics):
             el = time.perf_counter() - t0
             nonlocal loss_sum, loss_n
+            last_point[0] = step
             loss = (loss_sum / max(1, loss_n)).item() if loss_n else float("nan")
             row = Progress(event, step, total, step / steps_per_epoch, loss, opt.param_groups[0]["lr"], el,
                            seen / el if el > 0 else 0.0, metrics.get("clean_acc"), metrics.get("asr"))
@@ -285,7 +288,7 @@ class Trainer:
                     loss_n = 0
         res.steps = step
         res.stopped = step < total
-        if res.stopped and step % steps_per_epoch != 0:  # keep a last point on the curve where we stopped
+        if res.stopped and step % steps_per_epoch != 0 and last_point[0] != step:  # a last point where we stopped
             self._fire("on_epoch_end", progress("stop", step, self._evaluate(live=True)))
         res.seconds = time.perf_counter() - t0
         res.images_per_s = seen / res.seconds if res.seconds > 0 else 0.0

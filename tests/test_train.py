@@ -62,6 +62,7 @@ def test_stop_flag_ends_within_one_step_and_keeps_progress():
     res = tr.run()
     assert res.stopped and res.steps == 5 and res.total_steps > 5
     assert res.final["clean_acc"] is not None
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5]  # the stop at a live point is not drawn twice
 
 
 def test_same_seed_same_model():
