@@ -19,6 +19,8 @@ import gzip
 import os
 import socket
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,9 +197,41 @@ def _to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+MAX_CLASSES = 10_000  # without a ``classes`` array, a larger label is taken for a typo, not a class count
+
+
+def _check_labels(y: np.ndarray, what: str, where) -> np.ndarray:
+    """Integer (or bool) labels as int64 (N,); floats and strings are refused, never truncated."""
+    if y.dtype.kind not in "iub":
+        raise ConfigError(f"{where}: {what} must hold integer class labels, got {y.dtype}")
+    return y.astype(np.int64).reshape(-1)
+
+
+def _check_label_range(y_train: np.ndarray, y_test: np.ndarray, classes: list[str] | None, where) -> list[str]:
+    """The class list: ``classes`` when given (labels must index it), else ``"0".."K-1"`` for the
+    largest label K-1, refused above :data:`MAX_CLASSES` before any list is built."""
+    lo, hi = int(min(y_train.min(), y_test.min())), int(max(y_train.max(), y_test.max()))
+    if classes is None:
+        if hi >= MAX_CLASSES:
+            raise ConfigError(f"{where}: the largest label is {hi}, and without a 'classes' array that would "
+                              f"mean {hi + 1} classes (at most {MAX_CLASSES} allowed): labels must be 0..K-1")
+        classes = [str(i) for i in range(hi + 1)]
+    if lo < 0 or hi >= len(classes):
+        raise ConfigError(f"{where}: labels must lie in 0..{len(classes) - 1}, found {lo}..{hi}")
+    return classes
+
+
 def load_npz(path: str | Path, name: str | None = None) -> ImageData:
-    """Read an ``.npz`` in the shared schema; never unpickles (object arrays are refused)."""
+    """Read an ``.npz`` in the shared schema; never unpickles (object arrays are refused).
+
+    Labels must be integers (or bools) in ``0..len(classes)-1``; without a ``classes`` array the
+    classes are ``"0".."K-1"`` for the largest label ``K-1``, at most :data:`MAX_CLASSES` of them."""
     path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFound(f"no such .npz file: {path}")
+    if not zipfile.is_zipfile(path):  # .npy, text, a truncated download: numpy's own errors mislead
+        raise ConfigError(f"{path} is not a readable .npz file: it is not a valid .npz (zip) archive "
+                          "(a truncated download, or an .npy or other file renamed to .npz?)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
@@ -205,24 +239,34 @@ def load_npz(path: str | Path, name: str | None = None) -> ImageData:
                 raise ConfigError(f"{path} lacks {', '.join(missing)}: an .npz needs x_train, y_train, "
                                   "x_test, y_test (uint8 images N,H,W,C and integer labels)")
             xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (ValueError, OSError, EOFError) as exc:  # object arrays need pickle, which we refuse
-        raise ConfigError(f"{path} is not a readable plain .npz file ({exc}); bdft reads numeric arrays only "
-                          "and never unpickles") from None
+            cls = z["classes"] if "classes" in z.files else None
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):  # object arrays need pickle, which we refuse
+            raise ConfigError(f"{path} is not a readable plain .npz file ({exc}); bdft reads numeric arrays "
+                              "only and never unpickles") from None
+        raise ConfigError(f"{path} is not a readable .npz file: an array in it is damaged ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ConfigError(f"{path} is not a readable .npz file: the archive is damaged ({exc})") from None
+    for k, a in (("x_train", xtr), ("y_train", ytr), ("x_test", xte), ("y_test", yte), ("classes", cls)):
+        if a is not None and not isinstance(a, np.ndarray):
+            raise ConfigError(f"{path}: {k} is not a numpy array (a member of the archive that is not .npy)")
+    if cls is not None and cls.ndim != 1:
+        raise ConfigError(f"{path}: classes must be a 1-D array of class names, got shape {cls.shape}")
+    classes = [str(c) for c in cls] if cls is not None else None
     x_train, x_test = _to_nchw(xtr, "x_train"), _to_nchw(xte, "x_test")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ConfigError(f"{path}: train images {tuple(x_train.shape[1:])} and test images "
                           f"{tuple(x_test.shape[1:])} differ in shape")
-    y_train = torch.from_numpy(ytr.astype(np.int64).reshape(-1))
-    y_test = torch.from_numpy(yte.astype(np.int64).reshape(-1))
-    if len(y_train) != len(x_train) or len(y_test) != len(x_test):
+    if ytr.size != len(x_train) or yte.size != len(x_test):
         raise ConfigError(f"{path}: the number of labels does not match the number of images")
-    k = int(max(y_train.max(), y_test.max())) + 1
-    if classes is None:
-        classes = [str(i) for i in range(k)]
-    if len(classes) < k or int(min(y_train.min(), y_test.min())) < 0:
-        raise ConfigError(f"{path}: labels must lie in 0..{len(classes) - 1}")
-    return ImageData(name or path.stem, x_train, y_train, x_test, y_test, classes, str(path))
+    ytr, yte = _check_labels(ytr, "y_train", path), _check_labels(yte, "y_test", path)
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise ConfigError(f"{path} has no {'training' if len(x_train) == 0 else 'test'} images")
+    classes = _check_label_range(ytr, yte, classes, path)
+    return ImageData(name or path.stem, x_train, torch.from_numpy(ytr), x_test, torch.from_numpy(yte), classes,
+                     str(path))
 
 
 def save_npz(data: ImageData, path: str | Path) -> None:
@@ -253,31 +297,69 @@ def load_digits() -> ImageData:
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 
 
+def _hidden(p: Path) -> bool:
+    """Hidden entries and OS/tool clutter (.git, .ipynb_checkpoints, ._x.png, __MACOSX): never data."""
+    return p.name.startswith(".") or p.name == "__MACOSX"
+
+
+def pil_to_rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (modes ``I;16*``, and ``I``, which Pillow uses for
+    16-bit files too) is scaled from 0..65535 to 0..255 (divided by 257, ``I`` clipped to 0..65535
+    first); float images (mode ``F``) are taken as 0..1 and scaled by 255 when their maximum is at
+    most 1, else as 0..255 and clipped. Pillow's own ``convert`` would clip them to white or black."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+        else:
+            a = np.clip(a, 0, 65535) / 257.0
+        im = Image.fromarray(np.round(np.clip(np.nan_to_num(a), 0, 255)).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image_folder(path: str | Path, image_size: int = 32, test_fraction: float = 0.2,
                       seed: int = 0) -> ImageData:
     """One subfolder per class (names sorted = labels). With ``train/`` and ``test/`` subfolders,
-    those are the splits; otherwise a seeded stratified ``test_fraction`` is held out. Images are
-    converted to RGB and resized to ``image_size`` square, once, at load time."""
+    those are the splits (both must have the same class folders); otherwise a seeded stratified
+    ``test_fraction`` is held out. Hidden folders and files (``.git``, ``.ipynb_checkpoints``,
+    ``__MACOSX``) are skipped; a class folder without images is refused. Images are converted to
+    RGB (16-bit and float images scaled to 0..255, see :func:`pil_to_rgb`) and resized to
+    ``image_size`` square, once, at load time."""
     from PIL import Image
 
     root = Path(path)
 
+    def class_dirs(d: Path) -> list[str]:
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and not _hidden(p))
+
     def read_tree(d: Path, classes=None):
-        cls = classes or sorted(p.name for p in d.iterdir() if p.is_dir())
+        cls = classes or class_dirs(d)
         xs, ys = [], []
         for i, c in enumerate(cls):
+            n = len(xs)
             for f in sorted((d / c).iterdir()) if (d / c).is_dir() else []:
-                if f.suffix.lower() in _IMG_EXT:
+                if f.suffix.lower() in _IMG_EXT and not _hidden(f):
                     try:
                         with Image.open(f) as im:
-                            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                            im = pil_to_rgb(im).resize((image_size, image_size), Image.BILINEAR)
                             xs.append(np.asarray(im, dtype=np.uint8))
                     except Exception as exc:
                         raise ConfigError(f"{f} is not a readable image ({exc})") from exc
                     ys.append(i)
+            if len(xs) == n:
+                raise ConfigError(f"class folder {d / c} holds no images ({', '.join(sorted(_IMG_EXT))}): "
+                                  "add some or remove it (an image folder holds one subfolder of images per class, "
+                                  "or train/ and test/ each holding such subfolders)")
         return cls, xs, ys
 
     if (root / "train").is_dir() and (root / "test").is_dir():
+        tr_cls, te_cls = class_dirs(root / "train"), class_dirs(root / "test")
+        if tr_cls != te_cls:
+            only = (("train", sorted(set(tr_cls) - set(te_cls))), ("test", sorted(set(te_cls) - set(tr_cls))))
+            diff = [f"only in {split}/: {', '.join(names)}" for split, names in only if names]
+            raise ConfigError(f"{root}: train/ and test/ must hold the same class folders ({'; '.join(diff)})")
         classes, xtr, ytr = read_tree(root / "train")
         _, xte, yte = read_tree(root / "test", classes)
     else:
@@ -341,9 +423,15 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _load_idx(key: str, d: Path) -> ImageData:
     parts = {}
-    for split, (img, lab) in _IDX.items():
-        parts[split] = (_read_idx(_find_idx(d, img)), _read_idx(_find_idx(d, lab)))
     classes = _FASHION_CLASSES if key == "fashion_mnist" else [str(i) for i in range(10)]
+    for split, (img, lab) in _IDX.items():
+        x, y = _read_idx(_find_idx(d, img)), _read_idx(_find_idx(d, lab))
+        if y.ndim != 1 or len(y) != len(x):
+            raise ConfigError(f"{d}: {img} holds {len(x)} images but {lab} holds {y.size} labels "
+                              f"(shape {y.shape}): the number of labels must match the number of images")
+        if len(x) and int(y.max()) >= len(classes):
+            raise ConfigError(f"{d}: {lab} has label {int(y.max())}: labels must lie in 0..{len(classes) - 1}")
+        parts[split] = (x, y)
     return ImageData(key, _to_nchw(parts["train"][0], "x_train"), torch.from_numpy(parts["train"][1].astype(np.int64)),
                      _to_nchw(parts["test"][0], "x_test"), torch.from_numpy(parts["test"][1].astype(np.int64)),
                      list(classes), str(d))
@@ -433,9 +521,17 @@ class Splits:
 
     The defender's clean data is the *front* of the permutation (a fraction ``f`` gives the first
     ``round(f*N)`` indices, so smaller budgets are subsets of larger ones); the attacker's poisoned
-    samples are taken from the *back*. Whenever ``clean_fraction + poison_rate <= 1`` the two never
-    overlap; and the defender always receives the original, clean images of its indices. Test data
-    is the dataset's separate test split, seen by neither."""
+    samples are the first *eligible* indices from the *back*. The two do not overlap as long as the
+    defender's front share and the stretch of the permutation the attacker's selection reaches leave
+    room for each other, i.e. roughly ``clean_fraction + n_poison / (eligible share * N) <= 1``. When
+    every image is eligible that stretch is just ``poison_rate``; when only some are (all-to-one
+    attacks skip the target class, clean-label attacks poison the target class only) it reaches
+    further forward: 10% all-to-one poisoning over 10 classes reaches about 11% of the permutation
+    (the demo's 20% defender share leaves ample room), whereas 5% clean-label poisoning of one class
+    in ten reaches about half of it. Either way the defender always receives the original, clean
+    images of its indices, so an overlap only means that some of the attacker's images are in the
+    defender's set in their clean form. Test data is the dataset's separate test split, seen by
+    neither."""
 
     n_train: int
     seed: int = 0
@@ -472,9 +568,13 @@ def check_clean_fraction(f: float) -> float:
 
 def augment(x: torch.Tensor, flip: bool = True, translate: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random horizontal flip and random translation by up to ``translate`` pixels (reflect-padded
-    crop), for a whole batch at once on its own device. Works on uint8 or float (N, C, H, W)."""
+    crop), for a whole batch at once on its own device. Works on uint8 or float (N, C, H, W).
+    ``translate`` must be smaller than the image's height and width (reflect padding needs that)."""
     n, _, h, w = x.shape
     dev = x.device
+    if translate >= min(h, w):
+        raise ConfigError(f"augment: translate={translate} pixels must be smaller than the image side "
+                          f"({h}x{w}); use at most {min(h, w) - 1}")
     if flip:
         m = torch.rand(n, device=dev, generator=generator) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)

@@ -155,3 +155,128 @@ def test_augment_flip_and_translate_are_exact_shifts():
         crops = [pad[i, :, dy:dy + 6, dx:dx + 6] for dy in range(3) for dx in range(3)]
         assert any(torch.equal(out[i], c) for c in crops)
     assert augment(x, translate=2, generator=g).dtype == torch.uint8
+
+
+def _npz(path, **over):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), y_train=np.arange(6) % 2,
+                  x_test=rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8), y_test=np.arange(4) % 2)
+    arrays.update(over)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return str(path)
+
+
+def test_npz_labels_without_classes_are_bounded(tmp_path):
+    y = np.arange(6) % 2
+    y[3] = 2 ** 40  # would otherwise build a list of 2**40 class names
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match="largest label is 1099511627776"):
+        load_dataset(_npz(tmp_path / "huge.npz", y_train=y))
+    assert time.perf_counter() - t < 5
+    with pytest.raises(ConfigError, match=r"labels must lie in 0\.\.1, found 0\.\.1099511627776"):
+        load_dataset(_npz(tmp_path / "huge_cls.npz", y_train=y, classes=np.array(["a", "b"])))
+    with pytest.raises(ConfigError, match=r"labels must lie in 0\.\.1, found 0\.\.2"):
+        load_dataset(_npz(tmp_path / "short.npz", y_test=np.array([0, 1, 2, 1]), classes=np.array(["a", "b"])))
+    d = load_dataset(_npz(tmp_path / "ok.npz", y_train=np.array([0, 1, 2, 3, 0, 1], np.uint8)))
+    assert d.classes == ["0", "1", "2", "3"] and d.y_train.dtype == torch.int64
+
+
+def test_npz_labels_must_be_integers(tmp_path):
+    with pytest.raises(ConfigError, match="y_train must hold integer class labels, got float32"):
+        load_dataset(_npz(tmp_path / "f.npz", y_train=(np.arange(6) % 2 + 0.7).astype(np.float32)))
+    with pytest.raises(ConfigError, match="y_test must hold integer class labels, got <U1"):
+        load_dataset(_npz(tmp_path / "s.npz", y_test=np.array(list("0101"))))
+    d = load_dataset(_npz(tmp_path / "b.npz", y_train=np.arange(6) % 2 == 1, y_test=np.arange(4) % 2 == 1))
+    assert d.y_train.tolist() == [0, 1, 0, 1, 0, 1] and d.num_classes == 2
+
+
+def test_broken_npz_files_give_one_clear_message(tmp_path):
+    _npz(tmp_path / "good.npz")
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04garbage")
+    (tmp_path / "text.npz").write_text("hello, not an archive")
+    np.save(tmp_path / "single.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    (tmp_path / "single.npz").write_bytes((tmp_path / "single.npy").read_bytes())
+    for bad in ("trunc", "garbage", "text", "single"):
+        with pytest.raises(ConfigError, match=r"is not a valid \.npz \(zip\) archive"):
+            load_dataset(str(tmp_path / f"{bad}.npz"))
+    with pytest.raises(ConfigError, match="lacks x_test, y_test") as exc:
+        load_dataset(_npz(tmp_path / "miss.npz", x_test=None, y_test=None))
+    assert "unpickles" not in str(exc.value)
+    with pytest.raises(ConfigError, match="has no training images"):
+        load_dataset(_npz(tmp_path / "e.npz", x_train=np.zeros((0, 4, 4, 3), np.uint8), y_train=np.zeros(0, int)))
+    with pytest.raises(ConfigError, match="has no test images"):
+        load_dataset(_npz(tmp_path / "e2.npz", x_test=np.zeros((0, 4, 4, 3), np.uint8), y_test=np.zeros(0, int)))
+    with pytest.raises(ConfigError, match="classes must be a 1-D array"):
+        load_dataset(_npz(tmp_path / "c0.npz", classes=np.array("a")))
+
+
+def _png_folder(root, classes, n=3, colour=(0, 128, 255)):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (5, 5), colour).save(root / c / f"{i}.png")
+
+
+def test_image_folder_skips_hidden_and_refuses_empty_or_mismatched_classes(tmp_path):
+    root = tmp_path / "imgs"
+    _png_folder(root, ["cat", "dog", ".ipynb_checkpoints", "__MACOSX"])
+    (root / ".git").mkdir()
+    (root / "cat" / "._0.png").write_bytes(b"\0\5\x16\7AppleDouble")  # macOS resource fork: not an image
+    d = load_dataset(str(root), image_size=8)
+    assert d.classes == ["cat", "dog"] and sorted(d.y_train.tolist() + d.y_test.tolist()) == [0] * 3 + [1] * 3
+    (root / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"class folder .*empty holds no images"):
+        load_dataset(str(root), image_size=8)
+    tt = tmp_path / "tt"
+    _png_folder(tt / "train", ["a", "b", "c"])
+    _png_folder(tt / "test", ["a", "b", "z"])
+    with pytest.raises(ConfigError, match=r"same class folders \(only in train/: c; only in test/: z\)"):
+        load_dataset(str(tt), image_size=8)
+
+
+def test_image_folder_scales_16_bit_and_float_images(tmp_path):
+    from PIL import Image
+
+    cases = {"g16": (np.full((6, 6), 30000, np.uint16), "png", 117),  # mode I;16: 30000 / 257
+             "i32": (np.full((6, 6), 65535, np.int32), "tif", 255),  # mode I, taken as 16-bit
+             "f01": (np.full((6, 6), 0.5, np.float32), "tif", 128),  # mode F in 0..1
+             "f255": (np.full((6, 6), 100.0, np.float32), "tif", 100)}  # mode F in 0..255
+    for name, (arr, ext, _) in cases.items():
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(arr).save(tmp_path / name / c / f"{i}.{ext}")
+    assert Image.open(tmp_path / "g16" / "a" / "0.png").mode == "I;16"
+    for name, (_, _, want) in cases.items():
+        d = load_dataset(str(tmp_path / name), image_size=4)
+        assert d.x_train.unique().tolist() == [want], name
+
+
+def _idx_raw(tmp_path, n_train=12, train_labels=None):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte.gz", np.arange(12) % 10 if train_labels is None else np.asarray(train_labels))
+    _idx(raw / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (4, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(4))
+
+
+def test_raw_idx_labels_are_checked(tmp_path):
+    _idx_raw(tmp_path / "n", n_train=13)
+    with pytest.raises(ConfigError, match="holds 13 images but train-labels-idx1-ubyte holds 12 labels"):
+        load_dataset("mnist", root=tmp_path / "n")
+    _idx_raw(tmp_path / "r", train_labels=[0] * 11 + [200])
+    with pytest.raises(ConfigError, match=r"has label 200: labels must lie in 0\.\.9"):
+        load_dataset("mnist", root=tmp_path / "r")
+
+
+def test_augment_translate_must_be_smaller_than_the_image():
+    x = torch.zeros(2, 1, 8, 6)
+    assert augment(x, translate=5).shape == x.shape
+    with pytest.raises(ConfigError, match=r"translate=6 pixels must be smaller than the image side \(8x6\)"):
+        augment(x, translate=6)
