@@ -17,6 +17,7 @@ import json
 import struct
 from pathlib import Path
 
+from .data import pil_to_rgb
 from .errors import CheckpointError, ConfigError
 
 MAX_TRIGGER_BYTES = 10 * 1024 ** 2  # 10 MiB
@@ -57,13 +58,7 @@ def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path 
                 raise ConfigError(f"{filename}: {w}x{h} pixels is too large for a trigger image "
                                   f"(at most {MAX_TRIGGER_PIXELS} pixels, e.g. 4096x4096)")
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: convert("RGB") would clip it to white
-                import numpy as np
-
-                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) + 128) // 257
-                rgb = Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-            else:
-                rgb = im.convert("RGB")
+            rgb = pil_to_rgb(im)  # 16-bit grey scaled: Pillow's convert("RGB") would clip it to white
     except ConfigError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
