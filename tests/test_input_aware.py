@@ -154,7 +154,7 @@ def test_poison_without_fit_trains_on_the_training_set_it_is_given():
                                     ({"cross_ratio": -1}, "cross_ratio"), ({"lambda_div": -0.1}, "lambda_div"),
                                     ({"fit_images": 3}, "fit_images"), ({"fit_images": 100.5}, "fit_images"),
                                     ({"fit_epochs": 0}, "fit_epochs"), ({"width": 1}, "width"),
-                                    ({"cross_ratio": "many"}, "numbers"), ({"colour": 1}, "no parameter")])
+                                    ({"cross_ratio": "many"}, "cross_ratio must be a number"), ({"colour": 1}, "no parameter")])
 def test_bad_settings_raise_config_error(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         InputAware((3, 8, 8), 10, **kw)
