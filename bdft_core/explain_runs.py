@@ -35,14 +35,14 @@ def models_of(store: RunStore, run_id: str, defended=None) -> tuple:
         raise ConfigError(f"run {run_id} is a {run.kind} run: explain a poisoned run (its defenses come along)")
     models = {"poisoned": model}
     seen = set()
-    for c in store.children(run_id):
+    for c in store.defenses(run_id):
         name = c["name"]
         if name in seen or (defended is not None and name not in defended and c["id"] not in defended):
             continue
         seen.add(name)
         models[name] = store.load_model(c["id"])[1]
     if defended is not None:
-        missing = [d for d in defended if d not in seen and not any(d == c["id"] for c in store.children(run_id))]
+        missing = [d for d in defended if d not in seen and not any(d == c["id"] for c in store.defenses(run_id))]
         if missing:
             raise ConfigError(f"run {run_id} has no defended child {', '.join(missing)}; apply it in the Defense lab "
                               "or with `python -m bdft_core defend`")

@@ -377,7 +377,12 @@ class RunStore:
             raise CheckpointError(f"the stored {name} result of run {run_id} is unreadable ({exc})") from None
 
     def children(self, run_id: str) -> list[dict]:
+        """Every run made from this one: its defenses and, for a transfer attacker, its victims."""
         return self.list(parent=run_id)
+
+    def defenses(self, run_id: str) -> list[dict]:
+        """The defended versions of a run (not the victims a transfer attacker also parents)."""
+        return self.list(kind="defense", parent=run_id)
 
     # -- removing ------------------------------------------------------------------------------
     def delete(self, run_id: str) -> list[str]:

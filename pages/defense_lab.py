@@ -72,7 +72,7 @@ if job is None:
     job = latest.id if latest else None
 ui.job_panel(job, key="def")
 
-children = ui.store().children(parent)
+children = ui.store().defenses(parent)
 if children:
     st.subheader("How the defenses compare on this run")
     newest = {}

@@ -14,7 +14,7 @@ runs = [r for r in ui.store().list() if r["kind"] in ("attack", "victim")]
 if not runs:
     st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
     st.stop()
-labels = {r["id"]: f"{r['name']} on {r['dataset']} · {len(ui.store().children(r['id']))} defended · {r['id']}"
+labels = {r["id"]: f"{r['name']} on {r['dataset']} · {len(ui.store().defenses(r['id']))} defended · {r['id']}"
           for r in runs}
 run_id = st.selectbox("Poisoned run", list(labels), key="seq_run", format_func=labels.get,
                       help="The poisoned model and every defended version of it are measured together")

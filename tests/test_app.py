@@ -230,6 +230,27 @@ def test_defense_lab_runs_defenses_live(app):
     assert any(i.value.startswith("SFT: ASR") for i in app.info)
 
 
+def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
+    """A transfer attack parents its victims too: the Defense lab's comparison, the Sequela page's
+    "N defended" and the Explain page count defenses only (the victims used to crash the comparison)."""
+    from bdft_core.pipeline import AttackConfig, run_attack
+    from bdft_core.runs import RunStore
+
+    store = RunStore()  # the app's store (BDFT_RUNS_DIR)
+    run, _ = run_attack(AttackConfig(dataset="digits", paradigm="transfer", epochs=1.0,
+                                     model_kwargs={"widths": [8, 8, 16]},
+                                     paradigm_params={"head_epochs": 1.0, "full_epochs": 1.0}), store=store)
+    attacker = run.parent if run.kind == "victim" else run.id
+    assert {c["kind"] for c in store.children(attacker)} == {"victim"} and store.defenses(attacker) == []
+    _page(app, "defense_lab")
+    app.selectbox(key="def_run").set_value(attacker).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not any("How the defenses compare" in h.value for h in app.subheader)
+    _page(app, "sequela")
+    assert not app.exception and not any("1 defended" in str(o) or "2 defended" in str(o)
+                                         for sb in app.selectbox for o in sb.options)
+
+
 def test_defense_lab_without_runs_says_what_to_do(app):
     _page(app, "defense_lab")
     assert "No poisoned model yet" in app.info[0].value
