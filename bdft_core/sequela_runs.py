@@ -25,13 +25,18 @@ def sequela_run(store: RunStore, run_id: str, axes=None, params: dict | None = N
     if run.kind == "defense":
         run = store.get(run.parent)
     run, models = models_of(store, run.id)
-    ctx = sequela.context_for(run, store, n=n)
+    newest = newest_defenses(store, run.id)
+    # members are left out of every measured defense's clean data: the largest of their splits (the
+    # splits are nested), so no defended model is scored on images it was just fine-tuned on
+    fractions = [store.get(rid).config.get("clean_fraction") for rid in newest.values()]
+    fractions = [float(f) for f in fractions if f is not None]
+    ctx = sequela.context_for(run, store, n=n, clean_fraction=max(fractions) if fractions else None)
     models = {k: m.to(ctx.device).eval() for k, m in models.items()}
     res = sequela.evaluate(models, ctx, axes=axes, params=params, stop=stop, progress=progress)
     from .figures import label_of
 
     res.update(run_id=run.id, labels={k: label_of(k) for k in models},
-               children={c["name"]: c["id"] for c in reversed(store.children(run.id))},
+               children=newest,
                total_seconds=time.perf_counter() - t0)
     if save and not res["stopped"]:
         store.save_result(run.id, "sequela", res)
@@ -39,14 +44,23 @@ def sequela_run(store: RunStore, run_id: str, axes=None, params: dict | None = N
 
 
 def stored_sequela(store: RunStore, run_id: str) -> dict | None:
-    """The sequela result kept with ``run_id``, or None; stale (a defense added since) is flagged as
-    ``res["stale"] = True``."""
+    """The sequela result kept with ``run_id``, or None; stale (a defense added, re-run or deleted
+    since) is flagged as ``res["stale"] = True``."""
     res = store.load_result(run_id, "sequela")
     if res is None:
         return None
-    names = {c["name"] for c in store.children(run_id)}
-    res["stale"] = not names <= set(res.get("models", []))
+    res["stale"] = newest_defenses(store, run_id) != res.get("children")
     return res
+
+
+def newest_defenses(store: RunStore, run_id: str) -> dict[str, str]:
+    """Defense name -> the id of its newest run on ``run_id``: the models a sequela result measures
+    (as :func:`~bdft_core.explain_runs.models_of` picks them). A stored result whose mapping differs
+    (a defense added, re-run with other settings, or deleted) is stale."""
+    newest = {}
+    for c in store.defenses(run_id):  # newest first
+        newest.setdefault(c["name"], c["id"])
+    return newest
 
 
 def table_rows(res: dict) -> list[dict]:

@@ -42,6 +42,25 @@ def test_sequela_of_a_run_and_its_children_is_kept(stored):
     assert stored_sequela(store, run.id)["stale"] is True  # a defense added since: measure again
 
 
+def test_members_leave_out_every_defenses_clean_data_and_a_rerun_defense_makes_the_result_stale(tmp_path, monkeypatch):
+    """A defense fine-tuned on 60% of the training set is not scored on members drawn from that 60%;
+    re-running a defense under the same name (new settings, new run) makes the stored result stale."""
+    import bdft_core.sequela as sequela
+
+    store = RunStore(tmp_path)
+    run, _ = run_attack(AttackConfig(dataset="digits", epochs=1, model_kwargs={"widths": [8, 8, 16]}), store=store)
+    run_defense(run.id, "ft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.6, store=store)
+    run_defense(run.id, "sft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.1, store=store)
+    asked = []
+    real = sequela.context_for
+    monkeypatch.setattr(sequela, "context_for", lambda *a, **kw: asked.append(kw.get("clean_fraction")) or real(*a, **kw))
+    sequela_run(store, run.id, axes=["calibration"], n=50)
+    assert asked == [0.6]
+    assert stored_sequela(store, run.id)["stale"] is False
+    run_defense(run.id, "ft", {"epochs": 1, "min_steps": 3}, clean_fraction=0.6, store=store)  # ft again
+    assert stored_sequela(store, run.id)["stale"] is True
+
+
 def test_cli_sequela_json(stored):
     root, _, run = stored
     r = subprocess.run([sys.executable, "-m", "bdft_core", "--runs-dir", str(root), "sequela", "--run", run.id, "--axes",
