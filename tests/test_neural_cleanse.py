@@ -3,6 +3,7 @@ backdoor is one bright pixel, the nothing-flagged path, stopping, bad settings, 
 CIFAR-10 model (BadNets, target 0) through run_defense (measured there: target flagged alone, anomaly
 index 3.8 on the default log scale, 1.5 on the paper's; CA 0.729 -> 0.676, ASR 0.968 -> 0.239; about
 100 s on the busy 2-core CPU, an estimated 50-60 s idle)."""
+import math
 import threading
 
 import pytest
@@ -142,6 +143,20 @@ def test_nothing_flagged_leaves_the_model_unchanged(one_thread):
     assert res.artefacts["flagged"].numel() == 0 and res.final["unlearn_s"] == 0
     assert len(res.final["mask_l1"]) == 5 and res.steps == res.total_steps
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in w0.items())
+
+
+def test_a_class_whose_trigger_never_worked_is_not_flagged(one_thread):
+    """With 2 steps no reversed trigger reaches attack_threshold: such a class has no trigger to compare
+    (its closest try has a small mask, which used to look anomalous and be unlearned), so nothing is
+    flagged, yet the run is complete; the model is left in eval mode as by every defense."""
+    model = PixelModel(target=2)
+    model.train()
+    x, y = toy_data(target=2)
+    res = NeuralCleanse(reverse_steps=2, reverse_images=300, mask_init=1e-3).apply(model, x, y)
+    assert max(res.final["trigger_success"]) < 0.99
+    assert res.final["mask_l1"] == [math.inf] * 5 and res.final["reversed_classes"] == 0
+    assert res.final["flagged_classes"] == [] and not res.final["unlearned"] and not res.stopped
+    assert not model.training
 
 
 def test_stop_ends_early_and_keeps_what_was_reached(one_thread):

@@ -289,9 +289,9 @@ class NeuralCleanse(Defense):
             keep = best_mask[j], best_pattern[j], float(best_l1[j]), float(best_success[j])
         else:  # no trigger reached the threshold: the one that came closest, as it ended
             j = int(success.argmax())
-            keep = mask[j].detach(), pattern[j].detach(), float(l1[j]), float(success[j])
+            keep = mask[j].detach(), pattern[j].detach(), float(l1[j].detach()), float(success[j])
         return {"mask": keep[0].cpu(), "pattern": keep[1].cpu(), "l1": keep[2], "success": keep[3], "steps": steps,
-                "complete": steps == int(p["reverse_steps"])}
+                "complete": steps == int(p["reverse_steps"]), "found": bool(found.any())}
 
     # --- the whole defense -----------------------------------------------------------------------
     def apply(self, model, x_clean, y_clean, evaluator=None, callbacks=None, stop=None, seed: int = 0, **train_over):
@@ -341,6 +341,7 @@ class NeuralCleanse(Defense):
         masks = torch.full((num_classes, 1, h, w), math.nan)
         patterns = torch.full((num_classes, c, h, w), math.nan)
         l1 = torch.full((num_classes,), math.nan, dtype=torch.float64)
+        ran = torch.zeros(num_classes, dtype=torch.bool)
         success = [math.nan] * num_classes
         done = 0
         seen = 0
@@ -365,13 +366,17 @@ class NeuralCleanse(Defense):
                 r = self.reverse_class(model, x_rev, y_rev, k, g, on_step=on_step, stop=stop, amp=amp)
                 masks[k], patterns[k], success[k] = r["mask"], r["pattern"], r["success"]
                 if r["complete"]:
-                    l1[k] = r["l1"]
+                    ran[k] = True
+                    # a class whose trigger never reached attack_threshold has no trigger to compare: as
+                    # in the paper it stays out of the anomaly statistic and is never flagged (its
+                    # closest try often has the smallest mask, which would otherwise look anomalous)
+                    l1[k] = r["l1"] if r["found"] else math.inf
         finally:
             for q, rg in zip(model.parameters(), req):
                 q.requires_grad_(rg)
             model.train(was_training)
         reverse_s = time.perf_counter() - t_rev
-        complete = bool(torch.isfinite(l1).all())
+        complete = bool(ran.all())
 
         # step 2: MAD outlier detection on the masks' L1 norms (on a log scale by default, see above)
         flagged, index = flag_classes(self.detection_scale(l1), float(p["anomaly_threshold"]))
@@ -416,6 +421,7 @@ class NeuralCleanse(Defense):
         res.artefacts = {"masks": masks, "patterns": patterns, "mask_l1": l1.float(),
                          "flagged": torch.tensor(flagged, dtype=torch.int64)}
         self.flagged = flagged
+        model.eval()  # as every defense leaves it, also when nothing was flagged (no unlearning ran)
         return res
 
     def _unlearn(self, model, x_clean, y_clean, masks, patterns, evaluator, callbacks, stop, seed, offset, total, t0,
