@@ -36,12 +36,13 @@ if "runs_select" not in st.session_state:  # start with the newest poisoned mode
     st.session_state["runs_select"] = [newest["id"]] + [r["id"] for r in rows if r["parent"] == newest["id"]]
 sel = st.multiselect("Select runs to compare or export", ids, key="runs_select", format_func=names.get,
                      help="Pick a poisoned run and its defenses to see them side by side")
-if sel:
+chosen = []
+for i in sel:  # a run whose record is damaged is reported and left out; it can still be deleted below
     try:
-        chosen = [ui.store().get(i) for i in sel]
+        chosen.append(ui.store().get(i))
     except Exception as exc:
         ui.show_error(exc)
-        st.stop()
+if chosen:
     st.plotly_chart(figures.compare_figure(chosen), key="runs_compare")
     st.caption(figures.CAPTIONS["curves"])
     bars = [{"name": "poisoned" if r.kind == "attack" else r.name, "clean_acc": r.final.get("clean_acc"),
@@ -60,9 +61,16 @@ if sel:
                        key="runs_html", help="A standalone page with the figures, to email or archive")
     if len(chosen) == 1:
         path = ui.store().path(chosen[0].id) / "model.safetensors"
-        st.download_button("Checkpoint (.safetensors)", path.read_bytes(), f"{chosen[0].id}.safetensors",
-                           "application/octet-stream", key="runs_ckpt",
-                           help="The weights with the run's record; load it again in the Attack lab")
+        try:
+            weights = path.read_bytes()
+        except OSError as exc:
+            st.warning(f"The checkpoint of run {chosen[0].id} cannot be read ({exc.strerror or exc}); its figures "
+                       "above come from its record.")
+        else:
+            st.download_button("Checkpoint (.safetensors)", weights, f"{chosen[0].id}.safetensors",
+                               "application/octet-stream", key="runs_ckpt",
+                               help="The weights with the run's record; load it again in the Attack lab")
+if sel:
     with st.expander("Delete the selected runs"):
         st.caption("Deleting a poisoned run also deletes the defenses made from it. This cannot be undone.")
         sure = st.checkbox("Yes, delete them", key="runs_delete_confirm", help="A safety catch for the button below")

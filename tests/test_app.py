@@ -286,6 +286,31 @@ def test_runs_page_compare_export_delete(app):
     assert "No runs stored yet" in app.info[0].value
 
 
+def test_runs_page_survives_a_damaged_record_and_a_missing_checkpoint(app):
+    """A run whose record is damaged is reported and left out (and can still be deleted); a run whose
+    weights are gone shows its figures with a warning instead of a checkpoint download."""
+    from bdft_core.pipeline import AttackConfig, run_attack
+    from bdft_core.runs import RunStore
+
+    store = RunStore()
+    quick = dict(dataset="digits", epochs=1.0, model_kwargs={"widths": [8, 8, 16]})
+    good, _ = run_attack(AttackConfig(**quick), store=store)
+    bad, _ = run_attack(AttackConfig(**quick, seed=1), store=store)
+    (store.path(bad.id) / "run.json").write_text("{damaged")
+    (store.path(good.id) / "model.safetensors").unlink()
+    _page(app, "runs")
+    app.multiselect(key="runs_select").set_value([bad.id, good.id]).run()
+    assert not app.exception and any("unreadable" in e.value for e in app.error)
+    assert len(app.get("plotly_chart")) == 2  # the readable run is still compared
+    app.multiselect(key="runs_select").set_value([good.id]).run()
+    assert any("cannot be read" in w.value for w in app.warning)
+    assert "runs_ckpt" not in {d.key for d in app.get("download_button")}
+    app.multiselect(key="runs_select").set_value([bad.id]).run()
+    app.checkbox(key="runs_delete_confirm").check().run()
+    app.button(key="runs_delete").click().run()
+    assert not app.exception and [r["id"] for r in store.list()] == [good.id]
+
+
 def test_attack_lab_transfer_paradigm_runs_attacker_and_victims(app):
     _page(app, "attack_lab")
     app.selectbox(key="atk_dataset").set_value("digits").run()
