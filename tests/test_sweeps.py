@@ -153,6 +153,13 @@ def test_process_pool_gives_the_same_cells_and_stops_cleanly(ray_sweep, tmp_path
             continue
         ref = by_key[r["cell"]]  # the same experiment, computed by Ray in the other store
         assert r["asr"] == pytest.approx(ref["asr"], abs=1e-6) and r["clean_acc"] == pytest.approx(ref["clean_acc"], abs=1e-6)
+    # a cell whose defense run was deleted since is missing again: in the rows, the estimate and a resume
+    gone = next(r for r in sweep_rows(store, sub) if r["defense"] == "ft")
+    store.delete(gone["defense_run"])
+    assert {r["cell"]: r for r in sweep_rows(store, sub)}[gone["cell"]]["status"] == "missing"
+    e = estimate(sub, store)
+    assert e["done"] == 2 and e["defenses_to_run"] == 1 and e["trainings_to_run"] == 0 and e["seconds"] > 0
+    assert run_sweep(sub, store, executor="process").ran == [gone["cell"]]
 
 
 # -- resuming after a kill -------------------------------------------------------------------------

@@ -224,9 +224,10 @@ def _row(cell: Cell, rec: dict | None) -> dict:
 
 def sweep_rows(store, spec: SweepSpec) -> list[dict]:
     """One row per cell of the grid, in grid order: the axis values, the poisoned model's and the
-    defended model's CA and ASR, changes, seconds and run ids (status "missing" for cells not run)."""
+    defended model's CA and ASR, changes, seconds and run ids (status "missing" for cells not run, or
+    whose runs were deleted since: what a resume would run again)."""
     rec = SweepRecords(store, spec.name)
-    return [_row(c, rec.cell(c.key)) for c in spec.cells()]
+    return [_row(c, rec.valid_cell(c.key)) for c in spec.cells()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +252,9 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
 
     rec = SweepRecords(store, spec.name) if store is not None else None
     units = spec.attack_units()
-    todo_units = [k for k in units if not (rec and rec.attack(k))]
-    todo_cells = [c for cs in units.values() for c in cs if c.defense != NONE and not (rec and rec.cell(c.key))]
+    # records whose runs were deleted count as to do, as run_sweep will treat them
+    todo_units = [k for k in units if not (rec and rec.valid_attack(k))]
+    todo_cells = [c for cs in units.values() for c in cs if c.defense != NONE and not (rec and rec.valid_cell(c.key))]
     rows = store.list() if store is not None else []
     basis = "stored runs"
 
@@ -291,7 +293,7 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
     slots = slots_for(spec, address)
     if guessed:
         basis = "first guesses for a small CPU machine" if not rows else "stored runs where there are some, first guesses elsewhere"
-    n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.cell(c.key)))
+    n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.valid_cell(c.key)))
     return {"cells": spec.n_cells, "done": n_done, "trainings": len(units), "trainings_to_run": len(todo_units),
             "defenses_to_run": len(todo_cells), "parallel": slots, "seconds": total / slots, "basis": basis}
 
