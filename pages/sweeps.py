@@ -187,7 +187,8 @@ def results() -> None:
         if st.button(f"Resume: run the {missing} missing cells", key="sw_resume"):
             try:
                 st.session_state["sw_job"] = ui.jobs().submit("sweep", title=f"sweep {pick} (resumed)",
-                                                              spec=spec.to_dict(), executor="auto")
+                                                              spec=spec.to_dict(), executor=executor,
+                                                              address=address or None)  # as set above
                 st.rerun()
             except Exception as exc:
                 ui.show_error(exc)
