@@ -142,7 +142,7 @@ def test_surrogate_is_cached_in_process_and_on_disk_and_poisoning_is_determinist
 @pytest.mark.parametrize("kw,msg", [({"eps": -0.1}, "eps"), ({"eps": 2.0}, "eps"), ({"steps": 0}, "steps"),
                                     ({"steps": 2.5}, "steps"), ({"amplitude": 0.0}, "amplitude"),
                                     ({"amplitude": 1.5}, "amplitude"), ({"size": 0}, "size"), ({"size": 2.5}, "size"),
-                                    ({"surrogate_epochs": 0}, "surrogate_epochs"), ({"eps": "big"}, "numbers"),
+                                    ({"surrogate_epochs": 0}, "surrogate_epochs"), ({"eps": "big"}, "must be a number"),
                                     ({"mode": "all_to_all"}, "all-to-one"), ({"radius": 1}, "no parameter")])
 def test_bad_settings_raise_config_error(kw, msg):
     with pytest.raises(ConfigError, match=msg):
