@@ -306,8 +306,7 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
               history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
               timings={"total_s": total, "train_s": res.seconds, "images_per_s": res.images_per_s})
     if store is not None:
-        store.save(run, model)
-        store.save_artefacts(run.id, res.artefacts)
+        store.save(run, model, artefacts=res.artefacts)
     return run, model
 
 

@@ -234,8 +234,9 @@ class RunStore:
         return self.root / run_id
 
     # -- writing -------------------------------------------------------------------------------
-    def save(self, run: Run, model: torch.nn.Module) -> Run:
-        """Write weights and record atomically, then index the run."""
+    def save(self, run: Run, model: torch.nn.Module, artefacts: dict | None = None) -> Run:
+        """Write weights, artefacts (see :meth:`save_artefacts`) and record atomically, then index the
+        run: a crash before the index row leaves no listed run without its files."""
         from safetensors.torch import save as st_save
 
         d = self.path(run.id)
@@ -244,6 +245,7 @@ class RunStore:
         meta = {"bdft_run": run.id, "model": json.dumps(run.model),
                 "run": dumps(run.to_json())}
         _atomic_write_bytes(d / "model.safetensors", st_save(state_for_saving(model), metadata=meta))
+        self.save_artefacts(run.id, artefacts or {})
         _atomic_write_bytes(d / "run.json", dumps(run.to_json(), indent=1).encode())
         self._index(run)
         return run

@@ -257,3 +257,18 @@ def test_a_record_with_wrong_fields_is_reported_not_a_traceback(stored, tmp_path
     p.write_text(json.dumps({**json.loads(p.read_text()), **change}))
     with pytest.raises(CheckpointError, match="unreadable"):
         store.get(run.id)
+
+
+def test_artefacts_are_on_disk_before_the_run_is_listed(stored, tmp_path, monkeypatch):
+    """A defense's artefacts (reversed triggers, flagged indices) are written with its weights, before
+    the index row: a crash in between can no longer leave a listed run without them."""
+    src, run, _ = stored
+    store = RunStore(tmp_path / "r")
+    rec, model = src.load_model(run.id)
+    at_index = []
+    real = store._index
+    monkeypatch.setattr(store, "_index", lambda r: at_index.append(sorted(p.name for p in store.path(r.id).iterdir()))
+                        or real(r))
+    store.save(rec, model, artefacts={"flagged_idx": torch.tensor([4, 2])})
+    assert at_index == [["artefacts.safetensors", "model.safetensors", "run.json"]]
+    assert store.load_artefacts(rec.id)["flagged_idx"].tolist() == [4, 2]
