@@ -120,18 +120,18 @@ def param_widgets(defaults: dict, help_: dict, prefix: str, choices: dict | None
             continue
         key, label, hlp = f"{prefix}_{name}", name.replace("_", " "), help_.get(name, "")
         if isinstance(default, bool):
-            out[name] = st.checkbox(label, value=default, key=key, help=hlp)
+            out[name] = st.checkbox(label, value=default, key=key, persist_state="session", help=hlp)
         elif name in choices:
             opts = list(choices[name])
             fmt = (labels or {}).get(name)
-            out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=key,
+            out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=key, persist_state="session",
                                      help=hlp, format_func=(lambda v, f=fmt: f.get(v, v)) if fmt else str)
         elif isinstance(default, int):
-            out[name] = int(st.number_input(label, value=default, step=1, key=key, help=hlp))
+            out[name] = int(st.number_input(label, value=default, step=1, key=key, persist_state="session", help=hlp))
         elif isinstance(default, float):
-            out[name] = float(st.number_input(label, value=float(default), format="%.4g", key=key, help=hlp))
+            out[name] = float(st.number_input(label, value=float(default), format="%.4g", key=key, persist_state="session", help=hlp))
         else:
-            out[name] = st.text_input(label, value=str(default), key=key, help=hlp)
+            out[name] = st.text_input(label, value=str(default), key=key, persist_state="session", help=hlp)
     return out
 
 

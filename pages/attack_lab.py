@@ -20,10 +20,10 @@ avail = ui.available_datasets()
 names = sorted(set(dataset_names()) | set(avail), key=lambda n: (n not in avail, n))
 left, right = st.columns([1, 1])
 with left:
-    ds = st.selectbox("Dataset", names, index=names.index(ui.default_dataset()), key="atk_dataset",
+    ds = st.selectbox("Dataset", names, index=names.index(ui.default_dataset()), key="atk_dataset", persist_state="session",
                       format_func=lambda n: n if n in avail else f"{n} (download on first use)",
                       help="Images to poison and train on; 'digits' is small and always offline")
-    paradigm = st.selectbox("Paradigm", PARADIGMS, key="atk_paradigm",
+    paradigm = st.selectbox("Paradigm", PARADIGMS, key="atk_paradigm", persist_state="session",
                             help="Who trains what: standalone (the victim trains on poisoned data) or transfer "
                                  "(the victim builds on a backdoored pretrained model)")
     with st.expander(f"Who does what in the {paradigm} paradigm", expanded=paradigm != "standalone"):
@@ -32,7 +32,7 @@ with left:
     if paradigm != "standalone":
         first = "gtsrb" if paradigm == "encoder" and "gtsrb" in avail else ds
         downstream = st.selectbox("Downstream dataset (the victim's)", names, index=names.index(first),
-                                  key=f"atk_downstream_{paradigm}", help="The victim's own labelled data. Transfer: "
+                                  key=f"atk_downstream_{paradigm}", persist_state="session", help="The victim's own labelled data. Transfer: "
                                   "the same dataset uses a disjoint split; another one (same image size) a new label "
                                   "space. Encoder: the probe's dataset")
         encs = list_encoders()
@@ -44,9 +44,9 @@ with left:
             if pparams.get("encoder") in encs:
                 st.caption(f"Clean encoder: {encs[pparams['encoder']]}")
             with st.expander("Pretrain a new clean encoder (SimCLR; slow on a CPU, minutes on a GPU)"):
-                pre_ds = st.selectbox("Unlabeled images", names, index=names.index(ds), key="atk_pre_dataset",
+                pre_ds = st.selectbox("Unlabeled images", names, index=names.index(ds), key="atk_pre_dataset", persist_state="session",
                                       help="The encoder learns from these images' training split, without labels")
-                pre_ep = st.number_input("Epochs", 0.1, 500.0, 10.0, key="atk_pre_epochs",
+                pre_ep = st.number_input("Epochs", 0.1, 500.0, 10.0, key="atk_pre_epochs", persist_state="session",
                                          help="SimCLR passes over the images; the shipped encoder used 8 (31 min on "
                                               "a 2-core CPU)")
                 if st.button("Pretrain", key="atk_pretrain", help="Runs in the background; the new encoder then "
@@ -61,7 +61,7 @@ with left:
                     except Exception as exc:
                         ui.show_error(exc)
     offered = [a for a in ATTACKS if paradigm != "standalone" or not getattr(ATTACKS[a], "latent", False)]
-    attack = st.selectbox("Attack", offered, key="atk_attack", format_func=lambda a: ATTACKS[a].title,
+    attack = st.selectbox("Attack", offered, key="atk_attack", persist_state="session", format_func=lambda a: ATTACKS[a].title,
                           help="How the trigger looks and is applied")
     cls = ATTACKS[attack]
     st.caption(f"Paper: {cls.paper}")
@@ -86,9 +86,9 @@ with left:
     if cls.image_param and params.get(cls.image_param) == "uploaded image":
         params[cls.image_param] = trigger_path
 with right:
-    rate = st.slider("Poison rate (% of the training set)", 0.0, 100.0, 10.0, 0.5, key="atk_rate",
+    rate = st.slider("Poison rate (% of the training set)", 0.0, 100.0, 10.0, 0.5, key="atk_rate", persist_state="session",
                      help="Share of training images that carry the trigger; 0 trains a clean model")
-    mode = st.radio("Target", ["all_to_one", "all_to_all"], key="atk_mode", horizontal=True,
+    mode = st.radio("Target", ["all_to_one", "all_to_all"], key="atk_mode", persist_state="session", horizontal=True,
                     format_func=lambda m: {"all_to_one": "all to one class", "all_to_all": "each class to the next"}[m],
                     help="All-to-one: every triggered image becomes the target class; all-to-all: label + 1")
     aims_downstream = downstream is not None and (downstream != ds or paradigm == "encoder")
@@ -100,19 +100,19 @@ with right:
         st.stop()
     first_target, why = suggested_target(paradigm, ds, downstream)
     target = st.number_input("Target label", 0, tdata.num_classes - 1, first_target,
-                             key=f"atk_target_{paradigm}_{downstream}" if aims_downstream else "atk_target",
+                             key=f"atk_target_{paradigm}_{downstream}" if aims_downstream else "atk_target", persist_state="session",
                              help="The class the backdoor sends triggered images to (all-to-one)"
                                   + ("; here a class of the victim's data. A feature-space backdoor only lands on a "
                                      "class the victim's model recognises" if aims_downstream else "")
                                   + (f". Starts at {first_target}, {why}" if why else ""))
     st.caption(f"Target class: '{tdata.classes[int(target)]}'"
                + (f", in the victim's data ({downstream})" if aims_downstream else ""))
-    model = st.selectbox("Model", list(MODELS), key="atk_model", format_func=lambda m: f"{m}: {MODELS[m][1]}",
+    model = st.selectbox("Model", list(MODELS), key="atk_model", persist_state="session", format_func=lambda m: f"{m}: {MODELS[m][1]}",
                          help="fastnet trains in about a minute on a CPU; resnet18 is the literature's standard")
-    epochs = st.number_input("Epochs", 0.1, 200.0, float(DEFAULT_EPOCHS.get(data.name, 4.0)), 0.5, key="atk_epochs",
+    epochs = st.number_input("Epochs", 0.1, 200.0, float(DEFAULT_EPOCHS.get(data.name, 4.0)), 0.5, key="atk_epochs", persist_state="session",
                              help="Passes over the training set")
-    seed = st.number_input("Seed", 0, 2 ** 31 - 1, 0, key="atk_seed", help="Same seed, same run")
-    n_train = st.number_input("Training images (0 = all)", 0, len(data.y_train), 0, step=500, key="atk_ntrain",
+    seed = st.number_input("Seed", 0, 2 ** 31 - 1, 0, key="atk_seed", persist_state="session", help="Same seed, same run")
+    n_train = st.number_input("Training images (0 = all)", 0, len(data.y_train), 0, step=500, key="atk_ntrain", persist_state="session",
                               help=f"Use a seeded slice of the {len(data.y_train)} training images for a quicker run")
 
 st.subheader("Preview")
@@ -158,7 +158,7 @@ runs = ui.store().list(kind="attack")
 c1, c2 = st.columns(2)
 with c1:
     opts = [r["id"] for r in runs]
-    sel = st.selectbox("Stored run", opts, index=None, key="atk_load_run", placeholder="choose a stored run",
+    sel = st.selectbox("Stored run", opts, index=None, key="atk_load_run", persist_state="session", placeholder="choose a stored run",
                        format_func=lambda i: next(f"{r['name']} on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · "
                                                   f"ASR {figures.pct(r['asr'])} · {i}" for r in runs if r["id"] == i),
                        help="Every poisoned model trained here (see also the Runs page)")

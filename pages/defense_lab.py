@@ -19,13 +19,13 @@ ids = [r["id"] for r in runs]
 labels = {r["id"]: f"{r['name']}{' → victim (' + str(r.get('victim')) + ')' if r['kind'] == 'victim' else ''}"
                    f" on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · ASR {figures.pct(r['asr'])}"
                    f" · {r['id']}" for r in runs}
-parent = st.selectbox("Poisoned run", ids, key="def_run", format_func=labels.get,
+parent = st.selectbox("Poisoned run", ids, key="def_run", persist_state="session", format_func=labels.get,
                       help="The backdoored model to clean (newest first)")
-chosen = st.multiselect("Defenses", list(DEFENSES), default=["ft", "sft"], key="def_defenses",
+chosen = st.multiselect("Defenses", list(DEFENSES), default=["ft", "sft"], key="def_defenses", persist_state="session",
                         format_func=lambda d: DEFENSES[d].title,
                         help="Each runs on its own copy of the poisoned model, one after the other")
 budget = st.slider("Clean-data budget (% of the training set)", 0.5, 100.0, 100 * DEFAULT_CLEAN_FRACTION, 0.5,
-                   key="def_budget", help="How much clean, correctly labelled data the defender has")
+                   key="def_budget", persist_state="session", help="How much clean, correctly labelled data the defender has")
 
 params, schedules = {}, {}
 try:

@@ -14,20 +14,20 @@ if not runs:
     st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
     st.stop()
 labels = {r["id"]: f"{r['name']} on {r['dataset']} · ASR {figures.pct(r['asr'])} · {r['id']}" for r in runs}
-run_id = st.selectbox("Poisoned run", list(labels), key="exp_run", format_func=labels.get,
+run_id = st.selectbox("Poisoned run", list(labels), key="exp_run", persist_state="session", format_func=labels.get,
                       help="Its defended versions (from the Defense lab) are shown next to it")
 c1, c2, c3 = st.columns(3)
-method = c1.selectbox("Method", explain.method_names(), key="exp_method",
+method = c1.selectbox("Method", explain.method_names(), key="exp_method", persist_state="session",
                       format_func=lambda m: explain.METHODS[m].title,
                       help="Grad-CAM: coarse, from a convolutional layer; Saliency: pixel gradients; Integrated "
                            "Gradients: sharper, about 100x slower")
-n = c2.number_input("Test images", 1, 16, 6, key="exp_n", help="Test images whose true class is not the target")
-seed = c3.number_input("Seed", 0, 10_000, 0, key="exp_seed", help="Which test images are drawn")
+n = c2.number_input("Test images", 1, 16, 6, key="exp_n", persist_state="session", help="Test images whose true class is not the target")
+seed = c3.number_input("Seed", 0, 10_000, 0, key="exp_seed", persist_state="session", help="Which test images are drawn")
 layer = None
 if explain.METHODS[method].uses_layer:
     try:
         names, layers, default = ui.layer_choices(run_id)
-        layer = st.selectbox("Grad-CAM layer", names, index=names.index(default), key="exp_layer",
+        layer = st.selectbox("Grad-CAM layer", names, index=names.index(default), key="exp_layer", persist_state="session",
                              format_func=lambda nm: layers[names.index(nm)],
                              help="Deeper layers are more about meaning, shallower ones localise better; the default "
                                   "is the deepest with at least 8x8 maps")

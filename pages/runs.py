@@ -34,7 +34,7 @@ names = {r["id"]: f"{figures.label_of(r['name']) if r['kind'] == 'defense' else 
 if "runs_select" not in st.session_state:  # start with the newest poisoned model and its defenses
     newest = next((r for r in rows if r["kind"] in ("attack", "victim")), rows[0])
     st.session_state["runs_select"] = [newest["id"]] + [r["id"] for r in rows if r["parent"] == newest["id"]]
-sel = st.multiselect("Select runs to compare or export", ids, key="runs_select", format_func=names.get,
+sel = st.multiselect("Select runs to compare or export", ids, key="runs_select", persist_state="session", format_func=names.get,
                      help="Pick a poisoned run and its defenses to see them side by side")
 chosen = []
 for i in sel:  # a run whose record is damaged is reported and left out; it can still be deleted below
@@ -73,7 +73,7 @@ if chosen:
 if sel:
     with st.expander("Delete the selected runs"):
         st.caption("Deleting a poisoned run also deletes the defenses made from it. This cannot be undone.")
-        sure = st.checkbox("Yes, delete them", key="runs_delete_confirm", help="A safety catch for the button below")
+        sure = st.checkbox("Yes, delete them", key="runs_delete_confirm", persist_state="session", help="A safety catch for the button below")
         if st.button("Delete", key="runs_delete", disabled=not sure, help="Remove the selected runs and their files"):
             removed = []
             for i in sel:

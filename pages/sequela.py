@@ -16,9 +16,9 @@ if not runs:
     st.stop()
 labels = {r["id"]: f"{r['name']} on {r['dataset']} · {len(ui.store().defenses(r['id']))} defended · {r['id']}"
           for r in runs}
-run_id = st.selectbox("Poisoned run", list(labels), key="seq_run", format_func=labels.get,
+run_id = st.selectbox("Poisoned run", list(labels), key="seq_run", persist_state="session", format_func=labels.get,
                       help="The poisoned model and every defended version of it are measured together")
-axes = st.multiselect("Axes", sequela.axis_names(), default=sequela.axis_names(), key="seq_axes",
+axes = st.multiselect("Axes", sequela.axis_names(), default=sequela.axis_names(), key="seq_axes", persist_state="session",
                       format_func=lambda a: sequela.AXES[a].title,
                       help="Each axis is one other attack; all are measured on the same data and seed")
 if st.button("Measure", key="seq_start", type="primary", disabled=not axes,
@@ -44,7 +44,7 @@ if res is None:
     st.stop()
 if res.get("stale"):
     st.warning("Defenses were applied after this measurement: press Measure again to include them.")
-scale = st.radio("Radar scale", ["fixed", "minmax"], key="seq_scale", horizontal=True,
+scale = st.radio("Radar scale", ["fixed", "minmax"], key="seq_scale", persist_state="session", horizontal=True,
                  format_func=lambda s: {"fixed": "fixed ranges (comparable across runs)",
                                         "minmax": "per axis, worst model at the edge"}[s])
 st.plotly_chart(sequela.radar_figure({**res, "models": res["models"]}, scale=scale), key="seq_radar")

@@ -26,41 +26,41 @@ store = ui.store()
 sweeps = {s["name"]: s for s in list_sweeps(store)}  # read once per rerun
 with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.session_state):
     c1, c2 = st.columns(2)
-    name = c1.text_input("Sweep name", value=f"sweep-{datetime.date.today():%Y%m%d}", key="sw_name",
+    name = c1.text_input("Sweep name", value=f"sweep-{datetime.date.today():%Y%m%d}", key="sw_name", persist_state="session",
                          help="Results are kept under this name; running the same name again resumes it")
     avail = sorted(ui.available_datasets())
-    dataset = c2.selectbox("Dataset", avail, index=avail.index("digits") if "digits" in avail else 0, key="sw_dataset",
+    dataset = c2.selectbox("Dataset", avail, index=avail.index("digits") if "digits" in avail else 0, key="sw_dataset", persist_state="session",
                            help="digits: seconds per cell on a laptop; CIFAR-10: about a minute or two per cell "
                                 "on a CPU (use 'training images' below to take a slice)")
-    attacks = c1.multiselect("Attacks", list(ATTACKS), default=["badnets"], key="sw_attacks",
+    attacks = c1.multiselect("Attacks", list(ATTACKS), default=["badnets"], key="sw_attacks", persist_state="session",
                              format_func=lambda a: ATTACKS[a].title)
-    paradigms = c2.multiselect("Paradigms", list(PARADIGMS), default=["standalone"], key="sw_paradigms")
-    rates = c1.text_input("Poison rates", "0.05, 0.2", key="sw_rates", help="Shares of the training set poisoned, "
+    paradigms = c2.multiselect("Paradigms", list(PARADIGMS), default=["standalone"], key="sw_paradigms", persist_state="session")
+    rates = c1.text_input("Poison rates", "0.05, 0.2", key="sw_rates", persist_state="session", help="Shares of the training set poisoned, "
                           "separated by commas")
-    budgets = c2.text_input("Clean-data budgets", "0.05, 0.2", key="sw_budgets",
+    budgets = c2.text_input("Clean-data budgets", "0.05, 0.2", key="sw_budgets", persist_state="session",
                             help="The defender's clean data as a fraction of the training set (0.005 to 1)")
-    defenses = c1.multiselect("Defenses", [NONE] + list(DEFENSES), default=["ft", "sft"], key="sw_defenses",
+    defenses = c1.multiselect("Defenses", [NONE] + list(DEFENSES), default=["ft", "sft"], key="sw_defenses", persist_state="session",
                               format_func=lambda d: "no defense (the poisoned model)" if d == NONE else DEFENSES[d].title)
-    seeds = int(c2.number_input("Seeds", 1, 20, 1, key="sw_seeds",
+    seeds = int(c2.number_input("Seeds", 1, 20, 1, key="sw_seeds", persist_state="session",
                                 help="Repeat every cell with seeds 0, 1, ...; the plots show their spread"))
     first = ATTACKS[attacks[0]] if attacks else None
     numeric = [k for k, v in (first.defaults.items() if first else []) if isinstance(v, (int, float))
                and not isinstance(v, bool)]
-    t_param = c1.selectbox("Trigger setting to vary", ["(none)"] + numeric, key="sw_tparam",
+    t_param = c1.selectbox("Trigger setting to vary", ["(none)"] + numeric, key="sw_tparam", persist_state="session",
                            help=f"A setting of {first.title if first else 'the attack'}")
-    t_vals = c2.text_input("Its values", "", key="sw_tvals", disabled=t_param == "(none)",
+    t_vals = c2.text_input("Its values", "", key="sw_tvals", persist_state="session", disabled=t_param == "(none)",
                            help="Separated by commas, e.g. 2, 3, 4")
-    lrs = c1.text_input("Fine-tuning learning rates (optional)", "", key="sw_lrs",
+    lrs = c1.text_input("Fine-tuning learning rates (optional)", "", key="sw_lrs", persist_state="session",
                         help="The defense's 'lr' setting (FT and other single-rate defenses); empty keeps defaults")
-    epochs = c2.number_input("Attack training epochs (0: the dataset's default)", 0.0, 200.0, 0.0, key="sw_epochs")
-    n_train = int(c1.number_input("Training images (0: all)", 0, 1_000_000, 0, step=1000, key="sw_ntrain",
+    epochs = c2.number_input("Attack training epochs (0: the dataset's default)", 0.0, 200.0, 0.0, key="sw_epochs", persist_state="session")
+    n_train = int(c1.number_input("Training images (0: all)", 0, 1_000_000, 0, step=1000, key="sw_ntrain", persist_state="session",
                                   help="Train on a seeded slice: faster cells on large datasets"))
-    threads = int(c2.number_input("CPU threads per cell", 1, 64, 1, key="sw_threads",
+    threads = int(c2.number_input("CPU threads per cell", 1, 64, 1, key="sw_threads", persist_state="session",
                                   help="Cells run side by side, each with this many threads (one GPU each on "
                                        "GPU machines)"))
-    address = c1.text_input("Ray cluster address (optional)", os.environ.get("RAY_ADDRESS", ""), key="sw_address",
+    address = c1.text_input("Ray cluster address (optional)", os.environ.get("RAY_ADDRESS", ""), key="sw_address", persist_state="session",
                             help="Empty: a local Ray instance on this machine. e.g. ray://head-node:10001")
-    executor = c2.selectbox("Run with", ["auto", "ray", "process"], key="sw_executor",
+    executor = c2.selectbox("Run with", ["auto", "ray", "process"], key="sw_executor", persist_state="session",
                             format_func={"auto": "Ray if installed, else local processes", "ray": "Ray",
                                          "process": "local process pool (no Ray)"}.get)
     if not ray_available():
@@ -109,7 +109,7 @@ if not names:
     st.stop()
 if st.session_state.get("sw_pick") not in names:
     st.session_state["sw_pick"] = names[0]
-pick = st.selectbox("Results of", names, key="sw_pick", help="Stored sweeps, the most recently updated first")
+pick = st.selectbox("Results of", names, key="sw_pick", persist_state="session", help="Stored sweeps, the most recently updated first")
 live = pick == running
 if pick in sweeps:
     st.caption(f"Axes: {', '.join(sf.axis_label(a) for a in sweeps[pick]['axes'])}.")
@@ -135,16 +135,16 @@ def results() -> None:
         return
     v = sf.default_views(axes, rows)
     metrics = list(sf.METRICS)
-    metric = st.selectbox("Show", metrics, index=metrics.index(v["metric"]), key="sw_metric",
+    metric = st.selectbox("Show", metrics, index=metrics.index(v["metric"]), key="sw_metric", persist_state="session",
                           format_func=sf.metric_label)
     varying = [a for a in axes if len(sf.axis_values(rows, a)) > 1] or axes
     figs = []
     if len(varying) >= 2:
         h1, h2 = st.columns(2)
         x = h1.selectbox("Across", varying, index=varying.index(v["x"]) if v.get("x") in varying else 0,
-                         key="sw_hx", format_func=sf.axis_label)
+                         key="sw_hx", persist_state="session", format_func=sf.axis_label)
         ys = [a for a in varying if a != x]
-        y = h2.selectbox("Down", ys, index=ys.index(v["y"]) if v.get("y") in ys else 0, key="sw_hy",
+        y = h2.selectbox("Down", ys, index=ys.index(v["y"]) if v.get("y") in ys else 0, key="sw_hy", persist_state="session",
                          format_func=sf.axis_label)
         where = {}
         others = [a for a in varying if a not in (x, y) and a != "seed"]
@@ -153,7 +153,7 @@ def results() -> None:
             vals = sf.axis_values(rows, a)
             default = (v.get("where") or {}).get(a, vals[0])
             where[a] = col.selectbox(f"with {sf.axis_label(a)}", vals, index=vals.index(default) if default in vals
-                                     else 0, key=f"sw_where_{a}", format_func=str)
+                                     else 0, key=f"sw_where_{a}", persist_state="session", format_func=str)
         try:
             fig = sf.heatmap_figure(rows, x, y, metric, where=where or None, axes=axes)
             st.plotly_chart(fig, key=f"sw_heat_{n_done}")
@@ -162,10 +162,10 @@ def results() -> None:
             st.warning(str(exc))
     l1, l2 = st.columns(2)
     lx = l1.selectbox("Line plot along", varying, index=varying.index(v["line_x"]) if v.get("line_x") in varying
-                      else 0, key="sw_lx", format_func=sf.axis_label)
+                      else 0, key="sw_lx", persist_state="session", format_func=sf.axis_label)
     groups = ["(none)"] + [a for a in varying if a not in (lx, "seed")]
     g = l2.selectbox("One line per", groups, index=groups.index(v["group"]) if v.get("group") in groups else 0,
-                     key="sw_lg", format_func=lambda a: a if a == "(none)" else sf.axis_label(a))
+                     key="sw_lg", persist_state="session", format_func=lambda a: a if a == "(none)" else sf.axis_label(a))
     try:
         fig = sf.lines_figure(rows, lx, metric, group=None if g == "(none)" else g,
                               spread="seed" if "seed" in axes else None, axes=axes)

@@ -251,6 +251,26 @@ def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
                                          for sb in app.selectbox for o in sb.options)
 
 
+def test_settings_survive_a_page_switch(app):
+    """Streamlit forgets the value of a widget a run does not draw unless it is told to keep it
+    (persist_state="session"): going to Runs and back used to reset every setting of the Attack lab and
+    the Sweeps page."""
+    _page(app, "attack_lab")
+    app.number_input(key="atk_epochs").set_value(1.5)
+    app.slider(key="atk_rate").set_value(25.0)
+    app.selectbox(key="atk_model").set_value("resnet18").run()
+    _page(app, "sweeps")
+    app.text_input(key="sw_rates").set_value("0.1, 0.3")
+    app.number_input(key="sw_seeds").set_value(3).run()
+    _page(app, "runs")
+    _page(app, "home")
+    _page(app, "attack_lab")
+    assert (app.number_input(key="atk_epochs").value, app.slider(key="atk_rate").value,
+            app.selectbox(key="atk_model").value) == (1.5, 25.0, "resnet18")
+    _page(app, "sweeps")
+    assert (app.text_input(key="sw_rates").value, app.number_input(key="sw_seeds").value) == ("0.1, 0.3", 3)
+
+
 def test_defense_lab_without_runs_says_what_to_do(app):
     _page(app, "defense_lab")
     assert "No poisoned model yet" in app.info[0].value
@@ -441,4 +461,4 @@ def test_sweeps_page_defines_runs_and_plots_a_grid(app):
     assert len(app.get("plotly_chart")) >= 2  # the heat map and the line plot
     app.selectbox(key="sw_metric").set_value("clean_acc").run()
     assert not app.exception
-    assert not any(b.label.startswith("Resume") for b in app.button)  # nothing missing
+    assert not any(b.label.startswith("Resume") for b in app.button), (list(table["status"]), [c.value for c in app.caption][:5])  # nothing missing
