@@ -93,6 +93,11 @@ def test_estimate_before_any_run_counts_cells_and_guesses():
     e = estimate(spec(), RunStore())
     assert (e["cells"], e["done"], e["trainings_to_run"], e["defenses_to_run"]) == (8, 0, 2, 8)
     assert e["basis"].startswith("first guesses") and e["seconds"] > 0
+    # a slice of the training set is guessed in proportion to the whole set (digits: 1,437 images)
+    full = estimate(spec(name="full", axes={"defense": ["none"]}), RunStore())["seconds"]
+    half = estimate(SweepSpec.from_dict({**GRID, "name": "half", "axes": {"defense": ["none"]},
+                                         "base": {**GRID.get("base", {}), "n_train": 700}}), RunStore())["seconds"]
+    assert half == pytest.approx(full * 700 / 1437)
 
 
 # -- running through Ray ---------------------------------------------------------------------------

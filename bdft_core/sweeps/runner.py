@@ -44,6 +44,8 @@ EXECUTORS = ("auto", "ray", "process")
 # Seconds one poisoned training takes on one CPU thread of a small machine, for estimates before any
 # run of the dataset is stored (measured on the 2-core CI machine with the default epochs).
 FIRST_GUESS_S = {"digits": 4.0, "cifar10": 110.0, "gtsrb": 120.0, "svhn": 150.0, "mnist": 60.0, "fashion_mnist": 90.0}
+# the training-set sizes those guesses are for, so that a cell on an n_train slice is guessed in proportion
+TRAIN_SIZE = {"digits": 1437, "cifar10": 50000, "gtsrb": 39209, "svhn": 73257, "mnist": 60000, "fashion_mnist": 60000}
 DEFENSE_SHARE = 0.5  # a fine-tuning defense costs about half a poisoned training (before any is stored)
 
 
@@ -273,7 +275,7 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
             epochs = cfg.get("epochs") or DEFAULT_EPOCHS.get(ds, 4.0)
             s = FIRST_GUESS_S.get(ds, 60.0) * epochs / DEFAULT_EPOCHS.get(ds, epochs)
             if cfg.get("n_train"):
-                s *= min(1.0, cfg["n_train"] / 50000)
+                s *= min(1.0, cfg["n_train"] / TRAIN_SIZE.get(ds, 50000))
             s /= max(1, spec.threads_per_cell) ** 0.7  # threads help, less than linearly
         total += s
         for c in units[k]:
