@@ -325,6 +325,10 @@ def test_radar_fixed_ranges_on_a_hand_made_result():
     assert r["models"]["b"][0] == 0.0 and r["models"]["b"][1] is None and r["models"]["b"][2] == pytest.approx(0.1)
     mm = radar_axes(res, scale="minmax")
     assert mm["models"]["a"] == [1.0, 0.5, 1.0] and mm["models"]["b"] == [0.0, None, 0.0]
+    fig = radar_figure(res)  # b has no PGD value: its polygon skips that axis instead of dipping to 0
+    a, b = fig.data
+    assert list(a.theta) == [t for t in r["titles"]] + r["titles"][:1] and list(a.r)[:3] == pytest.approx([0.5, 0.2, 1.0])
+    assert list(b.theta) == [r["titles"][0], r["titles"][2], r["titles"][0]] and list(b.r) == pytest.approx([0.0, 0.1, 0.0])
 
 
 def test_evaluate_errors_and_stop(digits):

@@ -177,19 +177,21 @@ def _value(result, model, axis):
 
 def radar_figure(result: dict, scale: str = "fixed", title: str | None = None):
     """A plotly radar chart: one polygon per model, outward = more vulnerable; hover shows the raw
-    headline value, its unit and what the axis means."""
+    headline value, its unit and what the axis means. A model with no value on an axis (not measured,
+    or stopped) has no corner there: its polygon skips that axis rather than dipping to the centre,
+    which would read as "least vulnerable"."""
     import plotly.graph_objects as go
 
     r = radar_axes(result, scale=scale)
     fig = go.Figure()
-    theta = r["titles"] + r["titles"][:1]
     for m in r["models"]:
-        radii = [0.0 if v is None else v for v in r["models"][m]]
         vals = r["values"][m]
-        hover = [f"<b>{t}</b><br>{m}: {'n/a' if v is None else f'{v:.3f}'} {u}<br>{mean}"
-                 for t, v, u, mean in zip(r["titles"], vals, r["units"], r["meaning"])]
-        fig.add_trace(go.Scatterpolar(r=radii + radii[:1], theta=theta, name=m, fill="toself", opacity=0.55,
-                                      text=hover + hover[:1], hoverinfo="text"))
+        corners = [(radius, t, f"<b>{t}</b><br>{m}: {v:.3f} {u}<br>{mean}")
+                   for radius, t, v, u, mean in zip(r["models"][m], r["titles"], vals, r["units"], r["meaning"])
+                   if radius is not None and v is not None]
+        corners += corners[:1]  # close the polygon
+        fig.add_trace(go.Scatterpolar(r=[c[0] for c in corners], theta=[c[1] for c in corners], name=m,
+                                      fill="toself", opacity=0.55, text=[c[2] for c in corners], hoverinfo="text"))
     fig.update_layout(polar={"radialaxis": {"range": [0, 1], "showticklabels": False}}, showlegend=True,
                       title=title or f"Backdoor sequela (outward = more vulnerable; {scale} scale)")
     return fig
