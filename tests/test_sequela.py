@@ -329,6 +329,7 @@ def test_radar_fixed_ranges_on_a_hand_made_result():
     a, b = fig.data
     assert list(a.theta) == [t for t in r["titles"]] + r["titles"][:1] and list(a.r)[:3] == pytest.approx([0.5, 0.2, 1.0])
     assert list(b.theta) == [r["titles"][0], r["titles"][2], r["titles"][0]] and list(b.r) == pytest.approx([0.0, 0.1, 0.0])
+    assert list(fig.layout.polar.angularaxis.categoryarray) == r["titles"]  # axis order kept despite the gap
 
 
 def test_evaluate_errors_and_stop(digits):

@@ -192,7 +192,10 @@ def radar_figure(result: dict, scale: str = "fixed", title: str | None = None):
         corners += corners[:1]  # close the polygon
         fig.add_trace(go.Scatterpolar(r=[c[0] for c in corners], theta=[c[1] for c in corners], name=m,
                                       fill="toself", opacity=0.55, text=[c[2] for c in corners], hoverinfo="text"))
-    fig.update_layout(polar={"radialaxis": {"range": [0, 1], "showticklabels": False}}, showlegend=True,
+    fig.update_layout(polar={"radialaxis": {"range": [0, 1], "showticklabels": False},
+                             # the axes in their own order, whichever model's polygon skips one
+                             "angularaxis": {"categoryorder": "array", "categoryarray": r["titles"]}},
+                      showlegend=True,
                       title=title or f"Backdoor sequela (outward = more vulnerable; {scale} scale)")
     return fig
 
