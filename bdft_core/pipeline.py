@@ -219,6 +219,11 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
 def setting_for(run: Run, cfg: AttackConfig | None = None) -> Setting:
     """The data, attack and defender's pool a defense of ``run`` works with."""
     cfg = cfg or attack_config_of(run)
+    if run.kind == "attack" and cfg.paradigm == "transfer":
+        # its backdoor targets the upstream class (the latent attack's extra class), its ASR is measured
+        # on the attacker's data: a defense here would be measured against the victim's target instead
+        raise ConfigError(f"run {run.id} is the attacker's upstream model of a transfer run; defenses start from "
+                          "one of its victim runs (the model the victim built on it)")
     if run.kind == "victim" or cfg.paradigm == "encoder":
         from .paradigms import victim_setting
 

@@ -11,7 +11,8 @@ st.title("Defense lab")
 st.caption("Remove a backdoor: choose a poisoned model, the defenses to try and how much clean data the "
            "defender has, then compare how far each one lowers the attack success rate and what it costs.")
 
-runs = [r for r in ui.store().list() if r["kind"] in ("attack", "victim")]
+runs = [r for r in ui.store().list()  # a transfer attacker's own model is not defended: its victims are
+        if r["kind"] == "victim" or (r["kind"] == "attack" and r.get("paradigm") != "transfer")]
 if not runs:
     st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
     st.stop()

@@ -231,8 +231,9 @@ def test_defense_lab_runs_defenses_live(app):
 
 
 def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
-    """A transfer attack parents its victims too: the Defense lab's comparison, the Sequela page's
-    "N defended" and the Explain page count defenses only (the victims used to crash the comparison)."""
+    """A transfer attack parents its victims too: the Sequela page's "N defended" and the Explain page
+    count defenses only, and the Defense lab offers the victims, not the attacker's own model (whose
+    comparison crashed on the victims, and whose defenses measured ASR against the victim's target)."""
     from bdft_core.pipeline import AttackConfig, run_attack
     from bdft_core.runs import RunStore
 
@@ -242,10 +243,14 @@ def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
                                      paradigm_params={"head_epochs": 1.0, "full_epochs": 1.0}), store=store)
     attacker = run.parent if run.kind == "victim" else run.id
     assert {c["kind"] for c in store.children(attacker)} == {"victim"} and store.defenses(attacker) == []
-    _page(app, "defense_lab")
-    app.selectbox(key="def_run").set_value(attacker).run()
-    assert not app.exception, [e.value for e in app.exception]
-    assert not any("How the defenses compare" in h.value for h in app.subheader)
+    _page(app, "defense_lab")  # the attacker's own model is not offered (its victims are), nor defended
+    options = app.selectbox(key="def_run").options
+    assert not any(attacker in o for o in options) and sum(" → victim (" in o for o in options) == 2
+    from bdft_core.errors import ConfigError
+    from bdft_core.pipeline import run_defense
+
+    with pytest.raises(ConfigError, match="upstream model of a transfer run"):
+        run_defense(attacker, "ft", store=store)
     _page(app, "sequela")
     assert not app.exception and not any("1 defended" in str(o) or "2 defended" in str(o)
                                          for sb in app.selectbox for o in sb.options)
