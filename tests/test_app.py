@@ -243,6 +243,9 @@ def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
                                      paradigm_params={"head_epochs": 1.0, "full_epochs": 1.0}), store=store)
     attacker = run.parent if run.kind == "victim" else run.id
     assert {c["kind"] for c in store.children(attacker)} == {"victim"} and store.defenses(attacker) == []
+    for v in store.children(attacker):  # each victim's record names the target its ASR is measured on
+        rec = store.get(v["id"])
+        assert rec.attack["target"] == rec.config["target"] and "upstream_target" in rec.attack
     _page(app, "defense_lab")  # the attacker's own model is not offered (its victims are), nor defended
     options = app.selectbox(key="def_run").options
     assert not any(attacker in o for o in options) and sum(" → victim (" in o for o in options) == 2

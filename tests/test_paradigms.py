@@ -73,6 +73,22 @@ def test_bad_transfer_settings(tmp_path):
         downstream_setting(AttackConfig(dataset="digits", paradigm="transfer", downstream=str(big)))
 
 
+def test_latent_without_reference_images_is_refused_on_one_dataset_too(tmp_path):
+    """Same dataset up- and downstream: when the attacker's share holds no image of the target class,
+    the latent loss would average over nothing (NaN) and ruin the published model."""
+    from bdft_core.paradigms.transfer import downstream_setting
+
+    g = np.random.default_rng(0)
+    y = np.array([i % 4 for i in range(99)] + [4])  # one image of class 4, the target
+    path = tmp_path / "rare.npz"
+    np.savez(path, x_train=g.integers(0, 255, (100, 8, 8, 1), dtype=np.uint8), y_train=y,
+             x_test=g.integers(0, 255, (20, 8, 8, 1), dtype=np.uint8), y_test=np.arange(20) % 5)
+    cfg = AttackConfig(dataset=str(path), paradigm="transfer", attack="latent", target=4,
+                       paradigm_params={"victim_share": 0.95, "n_refs": 5})
+    with pytest.raises(ConfigError, match="no training images of target class 4"):
+        downstream_setting(cfg)
+
+
 def test_transfer_without_the_comparison_victim_trains_only_the_defended_one(tmp_path):
     store = RunStore(tmp_path / "runs")
     cfg = AttackConfig(dataset="digits", paradigm="transfer", downstream=_other_npz(tmp_path), target=1, epochs=1.0,
@@ -114,6 +130,9 @@ def test_transfer_flow_stores_attacker_victims_and_defenses(tmp_path, attack):
     assert {k["kind"] for k in kids} == {"victim"} and len(kids) == 2
     victim = store.get(out["run_id"])
     assert victim.parent == attacker.id and victim.model["num_classes"] == 5 and victim.config["victim"] == "head"
+    assert victim.attack["target"] == 1  # the victim's target, not the upstream one (latent: the extra class 10)
+    with pytest.raises(ConfigError, match="upstream model of a transfer run"):  # defenses start from a victim
+        setting_for(attacker)
     # the stored victim reopens with its downstream setting, and a defense from the store works
     s = setting_for(victim)
     assert s.data.num_classes == 5

@@ -69,8 +69,9 @@ def downstream_setting(cfg) -> Downstream:
     else:
         refs_idx, victim_idx = references_from_the_back(down, order, cfg.target, int(p["n_refs"]) if latent else 0)
         attacker_idx = torch.arange(len(up.y_train), device=device)
-        if latent and len(refs_idx) == 0:
-            raise ConfigError(f"the downstream dataset has no training images of target class {cfg.target}")
+    if latent and len(refs_idx) == 0:  # the latent loss would average over no reference: NaN, a ruined model
+        raise ConfigError(f"the attacker has no training images of target class {cfg.target} to take reference "
+                          "images from" + (" (its share of the dataset holds none)" if same else ""))
     attack = build_attack(cfg.attack, down.image_shape, down.num_classes, target=cfg.target, mode=cfg.mode,
                           seed=cfg.seed, **cfg.params)
     x_bd, y_bd = attack.test_set(down.x_test, down.y_test)
@@ -304,7 +305,8 @@ def transfer_victim(cfg, ds: Downstream, attacker: Run, model, how: str, callbac
         final["target_recall"] = recall
     spec = {**attacker.model, "num_classes": s.data.num_classes}
     run = Run(id=new_run_id("victim"), kind="victim", created=time.time(), dataset=s.data.name, model=spec,
-              attack=attacker.attack, parent=attacker.id,
+              attack={**attacker.attack, "target": cfg.target},  # the victim's target (upstream_target kept)
+              parent=attacker.id,
               config={**attacker.config, "stage": f"victim ({'head only' if head_only else 'whole model'})",
                       "victim": how, "n_victim": len(ds.victim_idx), "train": asdict(tcfg)},
               seed=cfg.seed, device=describe_device(s.device), status="stopped" if res.stopped else "finished",
