@@ -89,6 +89,19 @@ def test_latent_without_reference_images_is_refused_on_one_dataset_too(tmp_path)
         downstream_setting(cfg)
 
 
+def test_a_stop_during_the_attackers_training_keeps_the_attackers_model(tmp_path):
+    import threading
+
+    from bdft_core.pipeline import run_attack
+
+    store, stop = RunStore(tmp_path / "runs"), threading.Event()
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", epochs=2.0, model_kwargs={"widths": [8, 8, 16]},
+                       paradigm_params=QUICK)
+    run, model = run_attack(cfg, store=store, stop=stop, callbacks=[("on_batch", lambda p: stop.set())])
+    assert run.kind == "attack" and run.status == "stopped" and model is not None  # used to raise StopIteration
+    assert [r["id"] for r in store.list()] == [run.id]
+
+
 def test_transfer_without_the_comparison_victim_trains_only_the_defended_one(tmp_path):
     store = RunStore(tmp_path / "runs")
     cfg = AttackConfig(dataset="digits", paradigm="transfer", downstream=_other_npz(tmp_path), target=1, epochs=1.0,

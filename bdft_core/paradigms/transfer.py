@@ -323,7 +323,8 @@ def victim_stages(params: dict) -> tuple[str, ...]:
 def transfer_models(cfg, store=None, callbacks=(), stop=None, on_stage=None, train_over=None):
     """The attacker's model and both victims (only the defended one, ``victim``, where
     ``compare_victim`` is off), stored as runs. Returns ``(ds, out, victims)`` with
-    ``victims[how] = (run, model)`` for ``how`` in "head", "full"."""
+    ``victims[how] = (run, model)`` for ``how`` in "head", "full", and the attacker's ``(run, model)``
+    as ``victims["attacker"]`` when a stop came before any victim was trained."""
     ds = downstream_setting(cfg)
     stage = on_stage or (lambda name: None)
     stage("attack")
@@ -344,6 +345,8 @@ def transfer_models(cfg, store=None, callbacks=(), stop=None, on_stage=None, tra
             store.save(v_run, v_model)
         victims[how] = (v_run, v_model)
         out[f"victim_{how}"] = _figures(v_run)
+    if not victims:  # stopped during the attacker's training: what was reached is that model
+        victims["attacker"] = (a_run, a_model)
     return ds, out, victims
 
 
