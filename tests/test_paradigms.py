@@ -102,6 +102,21 @@ def test_a_stop_during_the_attackers_training_keeps_the_attackers_model(tmp_path
     assert [r["id"] for r in store.list()] == [run.id]
 
 
+def test_a_trigger_image_file_is_kept_with_the_runs_in_the_transfer_paradigm(tmp_path):
+    """As for standalone runs, the run records a copy in the runs folder, not the user's own file."""
+    from PIL import Image
+
+    from bdft_core.paradigms.transfer import downstream_setting
+    from bdft_core.runs import runs_dir
+
+    mine = tmp_path / "my_trigger.png"
+    Image.new("RGB", (3, 3), (255, 0, 0)).save(mine)
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", attack="badnets", params={"pattern": str(mine)})
+    downstream_setting(cfg)
+    kept = cfg.params["pattern"]
+    assert kept != str(mine) and str(runs_dir() / "triggers") in kept and open(kept, "rb").read()
+
+
 def test_transfer_without_the_comparison_victim_trains_only_the_defended_one(tmp_path):
     store = RunStore(tmp_path / "runs")
     cfg = AttackConfig(dataset="digits", paradigm="transfer", downstream=_other_npz(tmp_path), target=1, epochs=1.0,

@@ -49,9 +49,10 @@ class EncoderSetting:
 
 
 def encoder_setting(cfg) -> EncoderSetting:
-    from ..pipeline import Setting
+    from ..pipeline import Setting, keep_trigger_image
     from . import check_paradigm_params, load_up_and_down, references_from_the_back
 
+    keep_trigger_image(cfg)  # a trigger image file is copied into the runs folder, as for standalone runs
     p = check_paradigm_params(cfg)
     device, up, down = load_up_and_down(cfg, cfg.downstream or "gtsrb", "the encoder")
     if cfg.mode != "all_to_one":
@@ -114,7 +115,7 @@ def encoder_models(cfg, store=None, callbacks=(), stop=None, on_stage=None):
                       "poison_rate": None},
               config={**asdict(cfg), "paradigm_params": p, "stage": "BadEncoder + victim's linear probe",
                       "n_victim": len(es.victim_idx), "n_shadow": len(es.shadow),
-                      "encoder": getattr(clean, "encoder_record", {}).get("command", "shipped encoder")},
+                      "encoder": getattr(clean, "encoder_record", {}).get("command", p.get("encoder") or "shipped encoder")},
               seed=cfg.seed, device=describe_device(s.device), status="stopped" if stopped else "finished",
               history=hist, final={"clean_acc": victim["clean_acc"], "asr": victim["asr"],
                                    "clean_encoder": {"clean_acc": baseline["clean_acc"], "asr": baseline["asr"]}},

@@ -49,9 +49,10 @@ class Downstream:
 
 
 def downstream_setting(cfg) -> Downstream:
-    from ..pipeline import Setting
+    from ..pipeline import Setting, keep_trigger_image
     from . import check_paradigm_params, load_up_and_down, references_from_the_back
 
+    keep_trigger_image(cfg)  # a trigger image file is copied into the runs folder, as for standalone runs
     p = check_paradigm_params(cfg)
     device, up, down = load_up_and_down(cfg, cfg.downstream or cfg.dataset, "transfer")
     same = down is up
