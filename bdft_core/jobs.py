@@ -372,7 +372,7 @@ class JobManager:
             from .sweeps import SweepRecords
 
             rec = SweepRecords(self.store, spec.name)
-            todo = sum(1 for c in spec.cells() if rec.valid_cell(c.key) is None)
+            todo = sum(1 for c in spec.cells() if rec.valid_cell(c.key, drop=False) is None)
             res = run_sweep(spec, self.store, executor=p.get("executor", "auto"), address=p.get("address") or None,
                             on_cell=on_cell, stop=stop)
             return {"name": spec.name, **{k: v for k, v in res.to_json().items() if k != "name"}}

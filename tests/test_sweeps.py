@@ -262,3 +262,21 @@ def test_sweep_on_a_ray_cluster_given_its_address(tmp_path):
         assert {row["defense_run"] for row in res["rows"]} == {d["id"] for d in store.list(kind="defense")}
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_reading_rows_while_a_cell_lands_keeps_its_record(tmp_path):
+    """run_sweep writes a cell's record just before it imports the cell's runs; a page reading the rows
+    in between sees the cell as missing for a moment, but must not delete its record (it did, and a
+    finished sweep then showed a missing cell and a Resume button)."""
+    from bdft_core.sweeps import SweepRecords
+
+    store = RunStore(tmp_path / "runs")
+    sub = spec(name="landing", axes={"defense": ["ft"]})
+    cell = sub.cells()[0]
+    rec = SweepRecords(store, sub.name)
+    rec.put_cell(cell.key, {"attack_run": "20260101-000000-attack-abc123",
+                            "defense_run": "20260101-000000-defense-abc123", "poisoned": {}, "defended": {}})
+    assert sweep_rows(store, sub)[0]["status"] == "missing"  # its runs are not imported yet
+    assert estimate(sub, store)["done"] == 0
+    assert rec.cell(cell.key) is not None  # the record is still there for the import to complete
+    assert rec.valid_cell(cell.key) is None and rec.cell(cell.key) is None  # run_sweep's own check drops it

@@ -159,19 +159,24 @@ class SweepRecords:
                 return False
         return True
 
-    def valid_attack(self, key: str) -> dict | None:
+    def valid_attack(self, key: str, drop: bool = True) -> dict | None:
+        """The record of a training whose run is still stored, else None (and, with ``drop``, the
+        record is removed, so that the sweep runs it again)."""
         rec = self.attack(key)
         if rec and self._has_runs(rec.get("run_id")):
             return rec
-        if rec:
+        if rec and drop:
             self.drop("attacks", key)
         return None
 
-    def valid_cell(self, key: str) -> dict | None:
+    def valid_cell(self, key: str, drop: bool = True) -> dict | None:
+        """As :meth:`valid_attack`, for a cell. Readers (rows, estimates) pass ``drop=False``: while a
+        sweep runs, a cell's record is written just before its runs are imported, and a reader must
+        not take that moment for a deleted run and remove the record."""
         rec = self.cell(key)
         if rec and self._has_runs(rec.get("attack_run"), rec.get("defense_run")):
             return rec
-        if rec:
+        if rec and drop:
             self.drop("cells", key)
         return None
 
@@ -229,7 +234,7 @@ def sweep_rows(store, spec: SweepSpec) -> list[dict]:
     defended model's CA and ASR, changes, seconds and run ids (status "missing" for cells not run, or
     whose runs were deleted since: what a resume would run again)."""
     rec = SweepRecords(store, spec.name)
-    return [_row(c, rec.valid_cell(c.key)) for c in spec.cells()]
+    return [_row(c, rec.valid_cell(c.key, drop=False)) for c in spec.cells()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +260,9 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
     rec = SweepRecords(store, spec.name) if store is not None else None
     units = spec.attack_units()
     # records whose runs were deleted count as to do, as run_sweep will treat them
-    todo_units = [k for k in units if not (rec and rec.valid_attack(k))]
-    todo_cells = [c for cs in units.values() for c in cs if c.defense != NONE and not (rec and rec.valid_cell(c.key))]
+    todo_units = [k for k in units if not (rec and rec.valid_attack(k, drop=False))]
+    todo_cells = [c for cs in units.values() for c in cs
+                  if c.defense != NONE and not (rec and rec.valid_cell(c.key, drop=False))]
     rows = store.list() if store is not None else []
     basis = "stored runs"
 
@@ -295,7 +301,7 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
     slots = slots_for(spec, address)
     if guessed:
         basis = "first guesses for a small CPU machine" if not rows else "stored runs where there are some, first guesses elsewhere"
-    n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.valid_cell(c.key)))
+    n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.valid_cell(c.key, drop=False)))
     return {"cells": spec.n_cells, "done": n_done, "trainings": len(units), "trainings_to_run": len(todo_units),
             "defenses_to_run": len(todo_cells), "parallel": slots, "seconds": total / slots, "basis": basis}
 
