@@ -26,7 +26,7 @@ import sqlite3
 import time
 import uuid
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,25 +79,40 @@ class Run:
 
     @classmethod
     def from_json(cls, d: dict) -> "Run":
-        """A record read back; TypeError when it is not one (a field missing or of the wrong type)."""
-        if not isinstance(d, dict):
-            raise TypeError(f"a run record is a JSON object, not {type(d).__name__}")
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        run = cls(**known)
-        for name, types in (("id", str), ("kind", str), ("dataset", str), ("model", dict), ("attack", dict),
-                            ("config", dict), ("history", list), ("final", dict), ("timings", dict),
-                            ("defense", (dict, type(None))), ("parent", (str, type(None)))):
-            if not isinstance(getattr(run, name), types):
-                raise TypeError(f"its field {name!r} is {type(getattr(run, name)).__name__}")
-        m = run.model
-        if not (isinstance(m.get("name"), str) and isinstance(m.get("num_classes"), int)
-                and isinstance(m.get("channels"), int) and isinstance(m.get("kwargs", {}), dict)):
-            raise TypeError("its model needs a name, num_classes and channels")
-        return run
+        """A record read back; TypeError when it is not one (see :func:`check_record`)."""
+        check_record(d)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     @property
     def name(self) -> str:
         return self.defense["name"] if self.kind == "defense" and self.defense else self.attack.get("name", "?")
+
+
+# the fields of a run record and the types they must have (None only where listed; no bools)
+_RECORD_FIELDS = {"id": (str,), "kind": (str,), "created": (int, float), "dataset": (str,), "model": (dict,),
+                  "attack": (dict,), "config": (dict,), "seed": (int,), "device": (str,), "status": (str,),
+                  "parent": (str, type(None)), "defense": (dict, type(None)), "history": (list,), "final": (dict,),
+                  "timings": (dict,), "versions": (dict,), "schema": (int,)}
+
+
+def check_record(d) -> None:
+    """TypeError, saying what is wrong, unless ``d`` is a run record: a JSON object with every field
+    a :class:`Run` needs, each of its type, and a model with a name, a number of classes and of
+    channels. Stored records are read through it, and so are those an uploaded checkpoint carries."""
+    if not isinstance(d, dict):
+        raise TypeError("not a JSON object")
+    missing = [f.name for f in fields(Run) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in d]
+    if missing:
+        raise TypeError(f"no {', '.join(missing)}")
+    for k, types in _RECORD_FIELDS.items():
+        if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool)):
+            raise TypeError(f"{k!r} is a {type(d[k]).__name__}, not a {' or '.join(t.__name__ for t in types)}")
+    m = d["model"]
+    if not (isinstance(m.get("name"), str) and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool)
+                                                   for k in ("num_classes", "channels"))
+            and isinstance(m.get("kwargs") or {}, dict)):
+        raise TypeError("its model needs a name, a number of classes and of channels")
 
 
 def new_run_id(kind: str) -> str:
@@ -113,7 +128,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _model_shapes(spec: dict) -> dict[str, torch.Tensor]:
+def model_shapes(spec: dict) -> dict[str, torch.Tensor]:
     """The state a run's model has, built on the meta device: names and shapes, no memory, whatever
     size a record claims."""
     from .errors import BdftError
@@ -121,7 +136,8 @@ def _model_shapes(spec: dict) -> dict[str, torch.Tensor]:
 
     try:
         with torch.device("meta"):
-            return build_model(spec["name"], spec["num_classes"], spec["channels"], **spec.get("kwargs", {})).state_dict()
+            return build_model(spec["name"], spec["num_classes"], spec["channels"],
+                               **(spec.get("kwargs") or {})).state_dict()
     except (BdftError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the record's model {spec.get('name')!r} cannot be built here ({exc})") from None
 
@@ -285,7 +301,7 @@ class RunStore:
             state = st_load(bytes(files["model.safetensors"]))
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError, SafetensorError, ValueError) as exc:
             raise CheckpointError(f"an exported run is unreadable ({exc})") from None
-        check_state_fits(_model_shapes(run.model), state, f"the weights of exported run {run.id}")
+        check_state_fits(model_shapes(run.model), state, f"the weights of exported run {run.id}")
         d = self.path(run.id)
         d.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():  # the record last: the index row follows it
@@ -456,4 +472,5 @@ def _json_default(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-__all__ = ["Run", "RunStore", "load_state_checked", "new_run_id", "runs_dir", "versions"]
+__all__ = ["Run", "RunStore", "check_record", "check_state_fits", "load_state_checked", "model_shapes", "new_run_id",
+           "runs_dir", "versions"]

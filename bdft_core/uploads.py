@@ -29,12 +29,6 @@ MAX_HEADER_BYTES = 64 * 1024 ** 2
 MAX_NUM_CLASSES = 100_000
 MAX_WIDTH = 4096  # a fastnet's ``widths`` entries, a resnet18's ``width``
 MAX_BLOCKS = 8  # entries of a fastnet's ``widths``
-# the fields of a run record and the types they must have (``None`` allowed where it is listed)
-_RECORD_FIELDS = {"id": (str,), "kind": (str,), "created": (int, float), "dataset": (str,), "model": (dict,),
-                  "attack": (dict,), "config": (dict,), "seed": (int,), "device": (str,), "status": (str,),
-                  "parent": (str, type(None)), "defense": (dict, type(None)), "history": (list,), "final": (dict,),
-                  "timings": (dict,), "versions": (dict,), "schema": (int,)}
-_REQUIRED_FIELDS = ("id", "kind", "created", "dataset", "model", "attack", "config", "seed", "device")
 
 
 def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path | None = None) -> Path:
@@ -103,38 +97,29 @@ def safetensors_header(data: bytes, what: str = "checkpoint") -> dict:
 def _check_record(rec, filename: str) -> None:
     """Check the types of a run record's fields, its run id and its model description (bounded,
     so that nothing huge is built from it); raises CheckpointError."""
-    from .runs import _RUN_ID
+    from .runs import _RUN_ID, check_record
 
-    if not isinstance(rec, dict):
-        raise CheckpointError(f"{filename}: its bdft run record is damaged (not a JSON object)")
-    missing = [k for k in _REQUIRED_FIELDS if k not in rec]
-    if missing:
-        raise CheckpointError(f"{filename}: its bdft run record is damaged (no {', '.join(missing)})")
-    for k, types in _RECORD_FIELDS.items():
-        if k in rec and (not isinstance(rec[k], types) or isinstance(rec[k], bool)):
-            raise CheckpointError(f"{filename}: its bdft run record is damaged ({k!r} is a "
-                                  f"{type(rec[k]).__name__}, not a {' or '.join(t.__name__ for t in types)})")
+    try:
+        check_record(rec)  # the fields and their types, as for a stored run
+    except TypeError as exc:
+        raise CheckpointError(f"{filename}: its bdft run record is damaged ({exc})") from None
     if not _RUN_ID.fullmatch(rec["id"]):
         raise CheckpointError(f"{filename}: the file's run id {rec['id'][:80]!r} is invalid (expected one like "
                               "20240101-120000-attack-1a2b3c)")
     if not _RUN_ID.fullmatch(f"00000000-000000-{rec['kind']}-000000"):  # a renamed copy gets an id from its kind
         raise CheckpointError(f"{filename}: its bdft run record is damaged (invalid kind {rec['kind'][:40]!r})")
-    m = rec["model"]
-    name, n, c, kwargs = m.get("name"), m.get("num_classes"), m.get("channels"), m.get("kwargs") or {}
+    m = rec["model"]  # a name, whole numbers of classes and channels, kwargs a dict (check_record)
+    n, c, kwargs = m["num_classes"], m["channels"], m.get("kwargs") or {}
 
     def whole(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if not isinstance(name, str):
-        raise CheckpointError(f"{filename}: its bdft run record is damaged (no model name)")
-    if not whole(n) or not 2 <= n <= MAX_NUM_CLASSES:
+    if not 2 <= n <= MAX_NUM_CLASSES:
         raise CheckpointError(f"{filename}: its run record says {str(n)[:40]} classes; a checkpoint must have "
                               f"between 2 and {MAX_NUM_CLASSES}")
-    if not whole(c) or c not in (1, 3):
+    if c not in (1, 3):
         raise CheckpointError(f"{filename}: its run record says {str(c)[:40]} image channels; only 1 (grey) or "
                               "3 (colour) are supported")
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{filename}: its bdft run record is damaged (model kwargs is not an object)")
     widths = kwargs.get("widths", [])
     width = kwargs.get("width", 1)
     if (not isinstance(widths, list) or not len(widths) <= MAX_BLOCKS
@@ -171,7 +156,7 @@ def import_checkpoint(data: bytes, store, filename: str = "checkpoint"):
     """Store an uploaded bdft checkpoint as a run (a new id if its id is taken by another run).
     Returns the stored :class:`~bdft_core.runs.Run`."""
     from .models import build_model
-    from .runs import Run, load_state_checked, new_run_id
+    from .runs import Run, load_state_checked, model_shapes, new_run_id
 
     if len(data) > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(f"{filename}: {len(data) / 1024 ** 2:.0f} MiB is larger than any checkpoint this "
@@ -193,11 +178,8 @@ def import_checkpoint(data: bytes, store, filename: str = "checkpoint"):
     try:
         run = Run.from_json(rec)
         m = run.model
-        args = (m["name"], m["num_classes"], m["channels"])
-        with torch.device("meta"):  # names and shapes only, no memory
-            expected = build_model(*args, **(m.get("kwargs") or {})).state_dict()
-        _check_shapes(header, expected, len(data), filename)
-        model = build_model(*args, **(m.get("kwargs") or {}))
+        _check_shapes(header, model_shapes(m), len(data), filename)  # on the meta device: no memory yet
+        model = build_model(m["name"], m["num_classes"], m["channels"], **(m.get("kwargs") or {}))
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
         raise CheckpointError(f"{filename}: its bdft run record is damaged ({exc})") from None
     load_state_checked(model, data, what=filename)  # loads; refuses anything but valid safetensors
