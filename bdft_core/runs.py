@@ -402,6 +402,14 @@ class RunStore:
         """The defended versions of a run (not the victims a transfer attacker also parents)."""
         return self.list(kind="defense", parent=run_id)
 
+    def newest_defenses(self, run_id: str) -> dict[str, str]:
+        """Defense name -> the id of its newest run on ``run_id``: the result per defense that pages
+        compare and that a sequela result measures (stale when this mapping changes)."""
+        newest = {}
+        for c in self.defenses(run_id):  # newest first
+            newest.setdefault(c["name"], c["id"])
+        return newest
+
     # -- removing ------------------------------------------------------------------------------
     def delete(self, run_id: str) -> list[str]:
         """Delete a run and the runs derived from it (its defenses, and theirs); returns the ids

@@ -25,7 +25,7 @@ def sequela_run(store: RunStore, run_id: str, axes=None, params: dict | None = N
     if run.kind == "defense":
         run = store.get(run.parent)
     run, models = models_of(store, run.id)
-    newest = newest_defenses(store, run.id)
+    newest = store.newest_defenses(run.id)
     # members are left out of every measured defense's clean data: the largest of their splits (the
     # splits are nested), so no defended model is scored on images it was just fine-tuned on
     fractions = [store.get(rid).config.get("clean_fraction") for rid in newest.values()]
@@ -49,18 +49,8 @@ def stored_sequela(store: RunStore, run_id: str) -> dict | None:
     res = store.load_result(run_id, "sequela")
     if res is None:
         return None
-    res["stale"] = newest_defenses(store, run_id) != res.get("children")
+    res["stale"] = store.newest_defenses(run_id) != res.get("children")
     return res
-
-
-def newest_defenses(store: RunStore, run_id: str) -> dict[str, str]:
-    """Defense name -> the id of its newest run on ``run_id``: the models a sequela result measures
-    (as :func:`~bdft_core.explain_runs.models_of` picks them). A stored result whose mapping differs
-    (a defense added, re-run with other settings, or deleted) is stale."""
-    newest = {}
-    for c in store.defenses(run_id):  # newest first
-        newest.setdefault(c["name"], c["id"])
-    return newest
 
 
 def table_rows(res: dict) -> list[dict]:

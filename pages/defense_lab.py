@@ -73,12 +73,9 @@ if job is None:
     job = latest.id if latest else None
 ui.job_panel(job, key="def")
 
-children = ui.store().defenses(parent)
-if children:
+newest = ui.store().newest_defenses(parent)  # the latest result per defense
+if newest:
     st.subheader("How the defenses compare on this run")
-    newest = {}
-    for c in children:  # newest first: keep the latest result per defense
-        newest.setdefault(c["name"], c["id"])
     try:
         d_runs = {name: ui.store().get(rid) for name, rid in newest.items()}
     except Exception as exc:
