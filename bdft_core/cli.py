@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_args(p)
     p.add_argument("--defenses", default="ft,sft", help="comma-separated defense names")
     p.add_argument("--clean-fraction", type=float, default=None, help="defender's clean data, 0.005..1 (default 0.2)")
-    p.add_argument("--no-store", action="store_true", help="do not store the runs")
+    p.add_argument("--no-store", action="store_true", help="do not store the runs (the run ids printed then name nothing stored)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("pretrain-encoder", help="SimCLR-pretrain a clean encoder on unlabeled images; linear-probe it")
@@ -294,6 +294,7 @@ def _dispatch(a) -> int:
         cf = DEFAULT_CLEAN_FRACTION if a.clean_fraction is None else a.clean_fraction
         store = None if a.no_store else RunStore(a.runs_dir)
         out = run_demo(cfg, defenses=defenses, clean_fraction=cf, store=store, callbacks=cbs, stop=stop)
+        out["stored"] = store is not None  # with --no-store the run ids name runs that were never kept
         lines = []
         if out.get("paradigm") == "transfer":
             lines.append(f"attacker's model on {out['dataset']}: CA {_fmt(out['attacker']['clean_acc'])}, "
@@ -308,7 +309,7 @@ def _dispatch(a) -> int:
                          f"{_fmt(out['poisoned']['clean_acc'])}, ASR {_fmt(out['poisoned']['asr'])}")
         for name, r in out["defended"].items():
             lines.append(f"  after {name}: CA {_fmt(r['clean_acc'])}, ASR {_fmt(r['asr'])} ({r['seconds']:.1f}s)")
-        lines.append(f"total {out['seconds']:.1f}s")
+        lines.append(f"total {out['seconds']:.1f}s" + ("" if store is not None else " (runs not stored: --no-store)"))
         _emit(out, a.json, "\n".join(lines))
         return 0
     return _fail(f"unknown command {a.cmd}")  # pragma: no cover - argparse rejects it first

@@ -30,6 +30,7 @@ def demo(tmp_path_factory):
 def test_demo_json_contract(demo):
     runs, out, r = demo
     assert {"dataset", "attack", "device", "run_id", "poisoned", "defended", "seconds"} <= set(out)
+    assert out["stored"] is True
     assert set(out["defended"]) == {"ft", "sft"}
     for fig in (out["poisoned"], *out["defended"].values()):
         assert 0.0 <= fig["clean_acc"] <= 1.0 and 0.0 <= fig["asr"] <= 1.0
@@ -44,6 +45,16 @@ def test_runs_list_show_delete(demo):
     assert out["run_id"] in ids and {d["run_id"] for d in out["defended"].values()} <= ids
     shown = last_json(cli("--runs-dir", str(runs), "runs", "show", out["run_id"], "--json").stdout)
     assert shown["id"] == out["run_id"] and len(shown["children"]) == 2
+
+
+def test_demo_no_store_says_so(tmp_path):
+    r = cli("--runs-dir", str(tmp_path), "demo", "--dataset", "digits", "--epochs", "1", "--defenses", "ft",
+            "--no-store", "--json")
+    assert r.returncode == 0, r.stderr
+    out = last_json(r.stdout)
+    assert out["stored"] is False and out["run_id"]  # an id was made, and the output says it was not kept
+    listed = last_json(cli("--runs-dir", str(tmp_path), "runs", "list", "--json").stdout)
+    assert listed["runs"] == []
 
 
 def test_attack_then_defend(tmp_path):
