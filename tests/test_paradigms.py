@@ -1,4 +1,6 @@
 """The transfer paradigm: who sees which data, and the flow attacker -> victim -> defense."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -218,6 +220,28 @@ def test_head_only_victim_keeps_the_published_encoder(tmp_path):
         assert k == k2 and torch.equal(v, v2), k  # frozen body, frozen BatchNorm statistics
     f_run, f_model = transfer_victim(cfg, ds, a_run, a_model, "full")
     assert not torch.equal(a_model.body[2][0].weight, f_model.body[2][0].weight)
+
+
+def test_latent_trigger_steps_record_the_whole_run_and_leave_the_callers_config(tmp_path):
+    """With a clean teacher and an optimised trigger, the attacker's record keeps the epochs asked for
+    (not what was left after the teacher), the teacher's share, and the optimised pattern; the caller's
+    config still holds its own settings."""
+    from bdft_core.paradigms.transfer import train_attacker
+
+    cfg = AttackConfig(dataset="digits", paradigm="transfer", attack="latent", target=3, epochs=2.0,
+                       paradigm_params={**QUICK, "n_refs": 10, "trigger_steps": 5, "teacher_share": 0.25})
+    params_before = dict(cfg.params)
+    ds = downstream_setting(cfg)
+    a_run, _ = train_attacker(cfg, ds)
+    assert cfg.params == params_before  # not rewritten behind the caller's back
+    assert a_run.config["epochs"] == 2.0 and a_run.config["teacher_epochs"] == 0.5
+    assert a_run.config["train"]["epochs"] == 1.5  # the poisoned training after the teacher
+    assert a_run.config["teacher_steps"] > 0 and a_run.timings["teacher_s"] > 0
+    pattern = a_run.config["params"]["pattern"]
+    assert isinstance(pattern, str) and os.path.exists(pattern)  # the optimised trigger, kept as an image
+    assert a_run.attack["params"]["pattern"] == pattern
+    # the downstream test set is triggered with that optimised trigger too
+    assert ds.setting.attack.config()["params"]["pattern"] == pattern
 
 
 def _tiny_encoder(tmp_path):

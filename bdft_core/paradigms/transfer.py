@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,10 @@ def _retarget(cfg, ds: Downstream) -> None:
 
 def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None):
     """The attacker's upstream training (plain poisoning, or the latent backdoor). Returns
-    ``(run, model)``; the run's figures are on the upstream test set (the attacker's own view)."""
+    ``(run, model)``; the run's figures are on the upstream test set (the attacker's own view).
+    With ``trigger_steps`` the optimised trigger replaces ``pattern`` in a copy of ``cfg`` (the
+    caller's is left as it was); the record keeps that copy, the whole epoch budget and its
+    teacher's share, so the stored run says how it was made."""
     from ..pipeline import DEFAULT_EPOCHS
 
     t0 = time.perf_counter()
@@ -219,7 +222,7 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
     model.fit_data(x_a.cpu())
     model.to(ds.setting.device)
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS.get(up.name, 4.0)
-    history, teacher_s = [], 0.0
+    total_epochs, teacher, teacher_s = epochs, {}, {}
     if latent and int(p["trigger_steps"]) > 0 and hasattr(attack_up, "box"):
         # Yao et al.: a teacher trained without poison (references as the target), a trigger optimised
         # on it towards the target's features, then poisoned training with that trigger
@@ -233,9 +236,12 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
         tr = Trainer(model, x_t, y_t, tt, stop=stop)
         for event, fn in callbacks:
             tr.add_callback(event, fn)
-        teacher_s = tr.run().seconds
+        t_res = tr.run()
+        teacher = {"teacher_epochs": e1, "teacher_steps": t_res.steps}
+        t_trig = time.perf_counter()
         patch = optimize_trigger(model, x_a, refs, attack_up, steps=int(p["trigger_steps"]), seed=cfg.seed)
-        cfg.params = {**cfg.params, "pattern": _save_patch(patch)}
+        cfg = replace(cfg, params={**cfg.params, "pattern": _save_patch(patch)})
+        teacher_s = {"teacher_s": t_res.seconds, "trigger_s": time.perf_counter() - t_trig}
         attack_up = build_attack(cfg.attack, up.image_shape, n_out, target=target_up, mode=cfg.mode, seed=cfg.seed,
                                  **cfg.params)
         _retarget(cfg, ds)
@@ -266,12 +272,13 @@ def train_attacker(cfg, ds: Downstream, callbacks=(), stop=None, train_over=None
               attack={**attack_up.config(), "poison_rate": cfg.poison_rate, "n_poisoned": len(poisoned.poison_idx),
                       "title": attack_up.title, "paper": attack_up.paper, "upstream_target": target_up,
                       "n_refs": 0 if refs is None else len(refs)},
-              config={**asdict(cfg), "epochs": epochs, "train": asdict(tcfg), "stage": "attacker (upstream)",
-                      "paradigm_params": p, "n_attacker": len(ds.attacker_idx)},
+              config={**asdict(cfg), "epochs": total_epochs, "train": asdict(tcfg), "stage": "attacker (upstream)",
+                      "paradigm_params": p, "n_attacker": len(ds.attacker_idx), **teacher},
               seed=cfg.seed, device=describe_device(ds.setting.device),
               status="stopped" if res.stopped else "finished", history=res.history,
               final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
-              timings={"total_s": time.perf_counter() - t0, "train_s": res.seconds, "images_per_s": res.images_per_s})
+              timings={"total_s": time.perf_counter() - t0, "train_s": res.seconds, "images_per_s": res.images_per_s,
+                       **teacher_s})
     return run, model
 
 
