@@ -8,6 +8,7 @@ cost). A defense that cannot apply to the run (a data cleanser on a transfer vic
 skipped with the reason; one that fails is listed with its error, and the others still run."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -114,32 +115,58 @@ def compare_defenses(parent: str, names=None, clean_fraction: float | None = Non
     return out
 
 
-def best_baseline(rows: list[dict], subjects=("ft", "sft")) -> dict | None:
-    """The non-FT/SFT row with the lowest ASR (ties: the higher CA)."""
-    others = [r for r in rows if r["defense"] not in subjects and r.get("asr") is not None]
+def _finished(r: dict) -> bool:
+    return r.get("status", "finished") == "finished"
+
+
+def best_baseline(rows: list[dict], subjects=("ft", "sft"), poisoned_ca: float | None = None,
+                  ca_drop: float = 0.1) -> dict | None:
+    """The finished non-FT/SFT row with the lowest ASR (ties: the higher CA). With the poisoned
+    model's clean accuracy given, rows that lost more than ``ca_drop`` of it are passed over while
+    another row is left: wrecking the model also silences its backdoor. A stopped run is no result."""
+    others = [r for r in rows if r["defense"] not in subjects and r.get("asr") is not None and _finished(r)]
+    if poisoned_ca is not None:
+        others = [r for r in others if r.get("clean_acc") is not None and r["clean_acc"] >= poisoned_ca - ca_drop] or others
     if not others:
         return None
     return min(others, key=lambda r: (round(r["asr"], 3), -(r.get("clean_acc") or 0.0)))
 
 
-def verdict(result: dict, tolerance: float = 0.02) -> str:
+def verdict(result: dict, tolerance: float = 0.02, ca_tolerance: float = 0.03) -> str:
     """The paper's claim checked on this result, in one sentence: does SFT reach the best baseline's
-    ASR (within ``tolerance``) at a lower cost?"""
+    ASR (within ``tolerance``) at a lower cost, keeping clean accuracy (within ``ca_tolerance`` of the
+    baseline's)? ``result``: ``rows`` as made by :func:`row_of`, and ``poisoned`` where known."""
     rows = {r["defense"]: r for r in result.get("rows", [])}
-    sft, best = rows.get("sft"), best_baseline(result.get("rows", []))
+    sft = rows.get("sft")
+    if sft is not None and not _finished(sft):
+        return "SFT's newest run was stopped before its end: run it again to check the paper's claim."
+    best = best_baseline(result.get("rows", []), poisoned_ca=(result.get("poisoned") or {}).get("clean_acc"))
     if sft is None or best is None or sft.get("asr") is None:
-        return "Run SFT and at least one baseline to check the paper's claim."
+        return "Run SFT and at least one other defense (not FT) to the end to check the paper's claim."
+
+    def took(r):
+        s = r.get("seconds")
+        return f"in {s:.0f}s" if isinstance(s, (int, float)) and math.isfinite(s) else "(time not recorded)"
+
     match = sft["asr"] <= best["asr"] + tolerance
-    cheaper = (sft.get("seconds") or 0) < (best.get("seconds") or 0)
-    head = (f"SFT: ASR {100 * sft['asr']:.1f}% in {sft['seconds']:.0f}s; best baseline {best['title']}: "
-            f"ASR {100 * best['asr']:.1f}% in {best['seconds']:.0f}s. ")
+    ss, bs = sft.get("seconds"), best.get("seconds")
+    cheaper = None if ss is None or bs is None else ss < bs
+    head = (f"SFT: ASR {100 * sft['asr']:.1f}% {took(sft)}; best baseline {best.get('title') or best['defense']}: "
+            f"ASR {100 * best['asr']:.1f}% {took(best)}. ")
+    sc, bc = sft.get("clean_acc"), best.get("clean_acc")
+    ca_lost = sc is not None and bc is not None and sc < bc - ca_tolerance
+    ca_note = (f" It keeps {100 * (bc - sc):.1f} points less clean accuracy, though, unlike the paper's claim."
+               if ca_lost else "")
+    if match and cheaper is None:
+        return head + "SFT matches its ASR; a missing time leaves the costs uncompared." + ca_note
     if match and cheaper:
-        return head + "SFT matches it at lower cost, as the paper claims."
+        return head + ("SFT matches it at lower cost, as the paper claims." if not ca_lost else
+                       "SFT matches its ASR at lower cost." + ca_note)
     if match:
-        return head + "SFT matches its ASR but is not cheaper here."
+        return head + "SFT matches its ASR but is not cheaper here." + ca_note
     if cheaper:
         return head + "SFT is cheaper but leaves a higher ASR here, unlike the paper's claim."
-    return head + "SFT neither matches its ASR nor is cheaper here, unlike the paper's claim."
+    return head + "SFT leaves a higher ASR here, " + ("and is not cheaper, " if cheaper is False else "") + "unlike the paper's claim."
 
 
 __all__ = ["PREFERRED_ORDER", "applicable", "best_baseline", "compare_defenses", "compare_names", "row_of", "verdict"]

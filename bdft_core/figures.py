@@ -11,8 +11,13 @@ from typing import Iterable
 import numpy as np
 
 ATTACK_COLOR = "#d62728"  # the poisoned model / attack training, on every page
-COLORS = {"attack": ATTACK_COLOR, "poisoned": ATTACK_COLOR, "ft": "#1f77b4", "sft": "#2ca02c"}
-_PALETTE = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+COLORS = {"attack": ATTACK_COLOR, "poisoned": ATTACK_COLOR, "ft": "#1f77b4", "sft": "#2ca02c",
+          # a transfer victim is the poisoned model its defenses start from: the attack's red, lighter / darker
+          "victim_head": "#f4a3a3", "victim_full": "#8b1a1a"}
+# the other defenses, one each in registry order (no red, FT blue or SFT green among them)
+_PALETTE = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#e7ba52", "#637939",
+            "#7b4173", "#008080", "#6b6ecf", "#b5cf6b", "#ce6dbd"]
+OTHER_COLOR = "#7f7f7f"  # a name that is neither a defense nor a stage of the poisoned model
 
 CAPTIONS = {
     "asr": "ASR (attack success rate): share of triggered test images, whose true class is not the target, "
@@ -25,22 +30,26 @@ CAPTIONS = {
     "schedule": "Learning rate at every fine-tuning step. SFT's first phase climbs to a large peak (this is what "
                 "erases the backdoor); its second, small phase restores clean accuracy.",
     "before_after": "Each model's clean accuracy (CA, higher is better) and attack success rate "
-                    "(ASR, lower is better); the poisoned model in red, each defense in its own colour.",
+                    "(ASR, lower is better); the poisoned model in red (a transfer victim in a lighter or darker red), "
+                    "each defense in its own colour.",
     "preview": "Top: training images as they are. Middle: the same images with the trigger. Bottom: the trigger "
                "alone (the difference, amplified so that faint triggers are visible; grey means no change).",
 }
 
 
 def color_of(name: str | None) -> str:
-    """The colour of a model/stage: attack red, each defense its own, stable across pages."""
+    """The colour of a model/stage: the poisoned model (an attack's name too) red, each defense its
+    own, stable across pages; anything else grey."""
     key = (name or "attack").lower()
     if key in COLORS:
         return COLORS[key]
+    from .attacks import ATTACKS
     from .defenses import DEFENSES
 
     names = sorted(n for n in DEFENSES if n not in COLORS)
-    i = names.index(key) if key in names else sum(map(ord, key))
-    return _PALETTE[i % len(_PALETTE)]
+    if key in names:
+        return _PALETTE[names.index(key) % len(_PALETTE)]
+    return ATTACK_COLOR if key in ATTACKS else OTHER_COLOR
 
 
 def label_of(name: str | None) -> str:
@@ -116,14 +125,15 @@ def schedule_figure(schedules: dict[str, list[float]], height: int = 260):
 
 
 def before_after_figure(rows: list[dict], height: int = 320):
-    """Grouped bars of CA and ASR; ``rows``: dicts with ``name`` ("poisoned" or a defense),
-    ``clean_acc``, ``asr``."""
+    """Grouped bars of CA and ASR; ``rows``: dicts with ``name`` ("poisoned", "victim_head",
+    "victim_full" or a defense: picks the colour), ``clean_acc``, ``asr`` and optionally ``label``
+    (the legend's text; by default the name's)."""
     go, _ = _go()
     fig = go.Figure()
     for r in rows:
         vals = [r.get("clean_acc"), r.get("asr")]
         fig.add_trace(go.Bar(x=["clean accuracy (CA)", "attack success rate (ASR)"],
-                             y=[None if v is None else 100 * v for v in vals], name=label_of(r["name"]),
+                             y=[None if v is None else 100 * v for v in vals], name=r.get("label") or label_of(r["name"]),
                              marker_color=color_of(r["name"]), text=[pct(v) for v in vals], textposition="outside"))
     fig.update_layout(barmode="group", height=height, yaxis={"range": [0, 112], "ticksuffix": "%"},
                       margin={"l": 40, "r": 10, "t": 30, "b": 40}, title="Before and after")
@@ -156,13 +166,16 @@ def conclusion(poisoned: dict, defended: dict[str, dict], success_asr: float = 0
         if a is None:
             continue
         dc = "" if c is None or pc is None else f" (clean accuracy {100 * (c - pc):+.1f} points)"
-        if a <= success_asr:
+        if pa < 0.5:  # nothing much to remove: report the change without a verdict
+            parts.append(f"After {label_of(name)}: ASR {pct(pa, 0)} → {pct(a, 1)}{dc}.")
+        elif a <= success_asr:
             parts.append(f"{label_of(name)} removed the backdoor: ASR {pct(pa, 0)} → {pct(a, 1)}{dc}.")
         elif a < pa - 0.1:
             parts.append(f"{label_of(name)} weakened it to {pct(a, 1)} ASR{dc}, but triggers still work often.")
         else:
-            parts.append(f"{label_of(name)} left the backdoor in place ({pct(a, 1)} ASR){dc}: a small constant "
-                         "learning rate barely moves the model away from the backdoor.")
+            why = (": a small constant learning rate barely moves the model away from the backdoor"
+                   if str(name).lower() == "ft" else "")
+            parts.append(f"{label_of(name)} left the backdoor in place ({pct(a, 1)} ASR){dc}{why}.")
     return " ".join(parts)
 
 
@@ -213,20 +226,39 @@ def transfer_reading(result: dict, low: float = 0.1) -> str:
             f"only {pct(asr, 1)} of triggered images there: the backdoor did not survive the new head.")
 
 
+def _known(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _delta(a, b) -> str:
-    if a is None or b is None:
+    if not (_known(a) and _known(b)):
         return "–"
     return f"{100 * (a - b):+.1f} pts"
 
 
 def _secs(s) -> str:
-    return "–" if s is None else f"{s:.1f}"
+    return f"{s:.1f}" if _known(s) else "–"
 
 
 def run_series(run) -> list[dict]:
     """A stored run's history as curve points."""
     return [{"epoch": h.get("epoch", 0.0), "step": h.get("step", 0), "asr": h.get("asr"),
              "clean_acc": h.get("clean_acc")} for h in (run.history or [])]
+
+
+def role_of(run) -> str:
+    """The name that gives a stored run its colour and label: "poisoned" for an attack run,
+    "victim_head" / "victim_full" for a transfer victim, else the defense's name."""
+    if run.kind == "victim":
+        return "victim_full" if (run.config or {}).get("victim") == "full" else "victim_head"
+    return "poisoned" if run.kind == "attack" else str(run.name)
+
+
+def run_bar_rows(runs: Iterable) -> list[dict]:
+    """Rows for :func:`before_after_figure` from stored runs, each labelled with its short run id
+    (two poisoned runs and their FT children stay apart)."""
+    return [{"name": role_of(r), "label": f"{label_of(role_of(r))} · {r.id[-6:]}", "clean_acc": r.final.get("clean_acc"),
+             "asr": r.final.get("asr")} for r in runs]
 
 
 def compare_figure(runs: Iterable, height: int = 360):
@@ -236,8 +268,8 @@ def compare_figure(runs: Iterable, height: int = 360):
     for run in runs:
         pts = run_series(run)
         label = f"{run.name} · {run.id[-6:]}"
-        color = color_of("attack" if run.kind in ("attack", "victim") else run.name)
-        dash = "dot" if run.kind == "victim" else None  # a victim's model: the attack's colour, dotted
+        color = color_of(role_of(run))
+        dash = "dot" if run.kind == "victim" else None  # a victim's model: the attack's reds, dotted
         for col, key in ((1, "asr"), (2, "clean_acc")):
             fig.add_trace(go.Scatter(x=[p["epoch"] for p in pts],
                                      y=[None if p[key] is None else 100 * p[key] for p in pts],
@@ -285,7 +317,8 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
 
 
 __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
-           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "run_series", "schedule_figure",
+           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "role_of", "run_bar_rows", "run_series",
+           "schedule_figure",
            "summary_rows", "to_display", "transfer_reading", "trigger_on_grey", "trigger_preview"]
 
 
@@ -302,7 +335,10 @@ def comparison_rows(poisoned: dict, rows: list[dict]) -> list[dict]:
             det = f"precision {pct(r['precision'], 0)}, recall {pct(r.get('recall'), 0)}"
         elif r.get("flagged_classes") is not None:
             det = ("flagged class " + ", ".join(map(str, r["flagged_classes"]))) if r["flagged_classes"] else "no class flagged"
-        out.append({"defense": r.get("title") or label_of(r["defense"]), "CA": pct(r.get("clean_acc")),
+        name = r.get("title") or label_of(r["defense"])
+        if r.get("status", "finished") != "finished":  # a stopped run's figures are where it stopped
+            name += f" ({r['status']})"
+        out.append({"defense": name, "CA": pct(r.get("clean_acc")),
                      "ASR": pct(r.get("asr")), "ΔCA": _delta(r.get("clean_acc"), poisoned.get("clean_acc")),
                      "ΔASR": _delta(r.get("asr"), poisoned.get("asr")), "seconds": _secs(r.get("seconds")),
                      "detection": det, "needs": r.get("needs", "")})
@@ -315,19 +351,20 @@ def cost_scatter(poisoned: dict, rows: list[dict], height: int = 420):
     bottom right: low ASR, high CA."""
     go, _ = _go()
     fig = go.Figure()
-    secs = [r.get("seconds") or 0.0 for r in rows]
-    top = max(secs + [1e-9])
+    secs = [r.get("seconds") if _known(r.get("seconds")) else None for r in rows]
+    top = max([s for s in secs if s is not None] + [1e-9])
     for r, s in zip(rows, secs):
         if r.get("clean_acc") is None or r.get("asr") is None:
             continue
-        size = 12 + 48 * math.sqrt(s / top)  # area grows with cost
+        size = 12 + 48 * math.sqrt(s / top) if s is not None else 30  # area grows with cost; unknown: middling
+        took = f"{s:.1f} s" if s is not None else "time not recorded"
         fig.add_trace(go.Scatter(x=[100 * r["clean_acc"]], y=[100 * r["asr"]], mode="markers+text",
                                  name=r.get("title") or label_of(r["defense"]), text=[r["defense"]],
                                  textposition="top center",
                                  marker={"size": size, "color": color_of(r["defense"]), "opacity": 0.75,
                                          "line": {"width": 1, "color": "#333"}},
                                  hovertemplate=(f"{r.get('title') or r['defense']}<br>CA %{{x:.1f}}%<br>"
-                                                f"ASR %{{y:.1f}}%<br>{s:.1f} s<extra></extra>")))
+                                                f"ASR %{{y:.1f}}%<br>{took}<extra></extra>")))
     if poisoned.get("clean_acc") is not None and poisoned.get("asr") is not None:
         fig.add_trace(go.Scatter(x=[100 * poisoned["clean_acc"]], y=[100 * poisoned["asr"]], mode="markers+text",
                                  name="poisoned model", text=["poisoned"], textposition="bottom center",
@@ -400,8 +437,14 @@ def explain_sentence(result: dict) -> str:
     if not others:
         return parts[0] + ". Apply a defense in the Defense lab to compare."
     best = min(others, key=lambda r: r[key])
-    ratio = p[key] / best[key] if best[key] else float("inf")
-    parts.append(f"after {label_of(best['model'])} it is {fmt(best[key])}"
-                 + (f" ({ratio:.1f}x less): the defended model's attention has left the trigger." if ratio >= 2 else
-                    " — not much less: the trigger still draws its attention."))
+    if not p[key] > 1e-6:  # the poisoned model itself shows nothing there: no drop to speak of
+        return parts[0] + f"; after {label_of(best['model'])} it is {fmt(best[key])}: there is no attention on the " \
+                          "trigger to remove."
+    if not best[key] > 1e-6:
+        how = " (down to nothing): the defended model's attention has left the trigger."
+    else:
+        ratio = p[key] / best[key]
+        how = (f" ({ratio:.1f}x less): the defended model's attention has left the trigger." if ratio >= 2 else
+               " — not much less: the trigger still draws its attention.")
+    parts.append(f"after {label_of(best['model'])} it is {fmt(best[key])}" + how)
     return "; ".join(parts)

@@ -9,7 +9,7 @@ import html
 import io
 import json
 
-from .figures import before_after_figure, compare_figure, label_of, pct
+from .figures import before_after_figure, compare_figure, label_of, pct, run_bar_rows
 from .runs import finite_json
 
 SUMMARY_FIELDS = ["id", "kind", "parent", "created", "dataset", "model", "attack", "defense", "status",
@@ -56,11 +56,8 @@ def html_report(runs, title: str = "bdft report") -> str:
     """A standalone HTML page: a summary table, the before/after bars and the curves."""
     runs = list(runs)
     figs = [compare_figure(runs)]
-    poisoned = [r for r in runs if r.kind == "attack"]
-    if poisoned or any(r.kind == "defense" for r in runs):
-        rows = [{"name": "poisoned" if r.kind == "attack" else r.name, "clean_acc": r.final.get("clean_acc"),
-                 "asr": r.final.get("asr")} for r in runs]
-        figs.insert(0, before_after_figure(rows))
+    if runs:
+        figs.insert(0, before_after_figure(run_bar_rows(runs)))
     parts = []
     for i, f in enumerate(figs):
         parts.append(f.to_html(full_html=False, include_plotlyjs=(i == 0)))

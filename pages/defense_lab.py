@@ -89,7 +89,7 @@ if newest:
     st.plotly_chart(figures.cost_scatter(before, rows), key="def_scatter")
     st.caption(figures.CAPTIONS["scatter"])
     if "sft" in d_runs and len(rows) > 1:
-        st.info(compare.verdict({"rows": rows}))
+        st.info(compare.verdict({"rows": rows, "poisoned": before}))
     if "neural_cleanse" in d_runs:
         ui.reversed_trigger_panel(run, d_runs["neural_cleanse"])
     for name in ("activation_clustering", "spectral_signatures", "abl"):

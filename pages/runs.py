@@ -45,9 +45,7 @@ for i in sel:  # a run whose record is damaged is reported and left out; it can 
 if chosen:
     st.plotly_chart(figures.compare_figure(chosen), key="runs_compare")
     st.caption(figures.CAPTIONS["curves"])
-    bars = [{"name": "poisoned" if r.kind == "attack" else r.name, "clean_acc": r.final.get("clean_acc"),
-             "asr": r.final.get("asr")} for r in chosen]
-    st.plotly_chart(figures.before_after_figure(bars), key="runs_bars")
+    st.plotly_chart(figures.before_after_figure(figures.run_bar_rows(chosen)), key="runs_bars")
     st.caption(figures.CAPTIONS["before_after"])
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     c1, c2, c3, c4 = st.columns(4)

@@ -90,6 +90,35 @@ def test_verdict_and_best_baseline():
     assert verdict({"rows": rows}).endswith("SFT matches it at lower cost, as the paper claims.")
     rows[0]["asr"] = 0.3
     assert "leaves a higher ASR" in verdict({"rows": rows})
+    # a stopped run is not a result: not SFT's, not the best baseline's
+    rows[0]["asr"] = 0.03
+    rows[3]["status"] = "stopped"
+    assert best_baseline(rows)["defense"] == "anp"
+    rows[0]["status"] = "stopped"
+    assert "stopped" in verdict({"rows": rows}) and "as the paper claims" not in verdict({"rows": rows})
+    rows[0]["status"] = rows[3]["status"] = "finished"
+    # a baseline that wrecked the model is passed over while another kept clean accuracy
+    wreck = {"defense": "ibau", "title": "I-BAU", "asr": 0.0, "clean_acc": 0.20, "seconds": 30.0}
+    assert best_baseline(rows + [wreck], poisoned_ca=0.72)["defense"] == "nad"
+    assert best_baseline(rows + [wreck])["defense"] == "ibau"
+    # matching ASR while losing clean accuracy is not the paper's claim; a missing time does not crash
+    rows[0]["clean_acc"] = 0.35
+    v = verdict({"rows": rows, "poisoned": {"clean_acc": 0.72}})
+    assert "as the paper claims" not in v and "31.0 points less clean accuracy" in v
+    rows[0]["clean_acc"], rows[0]["seconds"] = 0.70, None
+    assert "time not recorded" in verdict({"rows": rows})
+
+
+def test_stopped_defense_is_marked_in_the_table_and_unknown_time_is_not_zero():
+    from bdft_core import figures
+
+    before = {"clean_acc": 0.73, "asr": 0.97, "seconds": 90.0}
+    rows = [{"defense": "sft", "title": "SFT", "clean_acc": 0.70, "asr": 0.05, "seconds": None, "status": "stopped"},
+            {"defense": "nad", "title": "NAD", "clean_acc": 0.70, "asr": float("nan"), "seconds": 10.0}]
+    table = figures.comparison_rows(before, rows)
+    assert table[1]["defense"] == "SFT (stopped)" and table[1]["seconds"] == "–" and table[2]["ΔASR"] == "–"
+    fig = figures.cost_scatter(before, rows)
+    assert "time not recorded" in fig.data[0].hovertemplate and fig.data[0].marker.size > 12
 
 
 def test_comparison_table_and_scatter():

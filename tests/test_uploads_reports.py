@@ -117,6 +117,12 @@ def test_figure_helpers():
     assert figures.color_of("attack") == figures.color_of("poisoned") == figures.ATTACK_COLOR
     assert figures.color_of("ft") != figures.color_of("sft") != figures.ATTACK_COLOR
     assert figures.color_of("some_future_defense") == figures.color_of("some_future_defense")
+    from bdft_core.defenses import DEFENSES
+
+    colours = [figures.color_of(n) for n in DEFENSES]  # every defense its own colour, none the poisoned model's
+    reds = {figures.ATTACK_COLOR, figures.color_of("victim_head"), figures.color_of("victim_full")}
+    assert len(set(colours)) == len(colours) and not set(colours) & reds
+    assert figures.color_of("badnets") == figures.ATTACK_COLOR  # an attack's name is the poisoned model
     rows = figures.summary_rows({"clean_acc": 0.8, "asr": 0.9, "seconds": 3}, {"sft": {"clean_acc": 0.78, "asr": 0.05,
                                                                                        "seconds": 1.5}})
     assert rows[1]["ΔASR"] == "-85.0 pts" and rows[1]["ΔCA"] == "-2.0 pts" and rows[1]["ASR"] == "5.0%"
@@ -126,6 +132,36 @@ def test_figure_helpers():
     assert fig.data[0].line.color == figures.ATTACK_COLOR and fig.data[2].line.color == figures.color_of("sft")
     sched = figures.schedule_figure({"sft": [0.1, 0.2]})
     assert list(sched.data[0].y) == [0.1, 0.2]
+
+
+def test_before_after_bars_of_stored_runs_keep_roles_and_runs_apart():
+    from bdft_core.runs import Run
+
+    def run(i, kind, name, parent=None, victim=None):
+        return Run(id=f"20260101-00000{i}-{kind}-abc12{i}", kind=kind, created=float(i), dataset="digits", model={},
+                   attack={"name": "badnets"}, config={"victim": victim} if victim else {}, seed=0, device="cpu",
+                   parent=parent, defense={"name": name} if kind == "defense" else None,
+                   final={"clean_acc": 0.9, "asr": 0.5})
+
+    runs = [run(1, "attack", None), run(2, "attack", None), run(3, "victim", None, victim="full"),
+            run(4, "defense", "ft", parent="a"), run(5, "defense", "ft", parent="b")]
+    fig = figures.before_after_figure(figures.run_bar_rows(runs))
+    names = [b.name for b in fig.data]
+    assert len(set(names)) == 5 and names[0].endswith("abc121") and names[3].startswith("Fine-tuning (FT)")
+    assert names[2].startswith("victim: whole model trained")
+    colours = [b.marker.color for b in fig.data]
+    assert colours[0] == colours[1] == figures.ATTACK_COLOR and colours[2] == figures.color_of("victim_full")
+    assert colours[3] == colours[4] == figures.color_of("ft")
+    page = report.html_report(runs)
+    assert "victim: whole model trained" in page
+
+
+def test_explain_sentence_without_attention_on_the_trigger():
+    res = {"rows": [{"model": "poisoned", "share_triggered": 0.0}, {"model": "ft", "share_triggered": 0.0}]}
+    text = figures.explain_sentence(res)
+    assert "inf" not in text and "no attention on the trigger to remove" in text
+    res["rows"][0]["share_triggered"] = 0.4
+    assert "down to nothing" in figures.explain_sentence(res)
 
 
 def test_preview_images():
@@ -161,6 +197,11 @@ def test_plain_words_reading_and_paradigm_rows():
     assert "Super-fine-tuning (SFT) removed the backdoor: ASR 97% → 4.0% (clean accuracy -2.0 points)" in text
     assert "Fine-tuning (FT) left the backdoor in place (90.0% ASR)" in text
     assert "weak here" in figures.conclusion({"clean_acc": 0.3, "asr": 0.01}, {})
+    assert "constant learning rate" not in text.split("Fine-tuning (FT) left")[0]  # FT's reason, for FT only
+    sft_failed = figures.conclusion({"clean_acc": 0.8, "asr": 0.97}, {"sft": {"clean_acc": 0.8, "asr": 0.93}})
+    assert "(SFT) left the backdoor in place (93.0% ASR)" in sft_failed and "constant" not in sft_failed
+    weak = figures.conclusion({"clean_acc": 0.95, "asr": 0.08}, {"ft": {"clean_acc": 0.95, "asr": 0.09}})
+    assert "removed" not in weak and "After Fine-tuning (FT): ASR 8% → 9.0%" in weak  # nothing to remove
     rows = figures.paradigm_rows({"paradigm": "transfer", "dataset": "cifar10", "downstream": "gtsrb",
                                   "attacker": {"clean_acc": 0.7, "asr": 0.9}, "victim_head": {"clean_acc": 0.5,
                                                                                               "asr": 0.02}})
