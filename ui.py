@@ -185,7 +185,8 @@ def _render_job(j, key: str) -> None:
             st.plotly_chart(figures.curves_figure(j.series), key=f"{key}_curves_{len(sum(j.series.values(), []))}")
             st.caption(figures.CAPTIONS["curves"])
         r = j.result
-        if r and j.kind in ("demo", "defend") and r.get("defended") is not None:
+        # a transfer stopped in its attacker's stage has no poisoned (victim) model to show
+        if r and j.kind in ("demo", "defend") and r.get("defended") is not None and r.get("poisoned"):
             rows = [{"name": "poisoned", **r["poisoned"]}] + [{"name": n, **d} for n, d in r["defended"].items()]
             st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
             st.caption(figures.CAPTIONS["before_after"])

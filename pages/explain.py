@@ -35,7 +35,8 @@ if explain.METHODS[method].uses_layer:
         ui.show_error(exc)
         st.stop()
 
-key = (run_id, method, int(n), int(seed), layer, len(ui.store().defenses(run_id)))
+# the defenses by run id: one deleted and another added since must not show the old maps
+key = (run_id, method, int(n), int(seed), layer, tuple(sorted(r["id"] for r in ui.store().defenses(run_id))))
 if st.button("Compute maps", key="exp_go", type="primary") or st.session_state.get("exp_key") == key:
     try:
         with st.spinner("Computing attribution maps…"):

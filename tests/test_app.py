@@ -418,6 +418,22 @@ def test_explain_page_shows_maps_for_the_poisoned_model(app):
     table = app.dataframe[0].value
     assert list(table["model"]) == ["poisoned model"] and table["layer"][0] == "(pixels)"
     assert len(app.get("image")) >= 1 and "Apply a defense" in app.info[0].value
+    # one defense deleted and another added: as many defenses as before, yet the maps are computed again
+    from bdft_core.pipeline import run_defense
+    from bdft_core.runs import RunStore
+
+    store = RunStore()
+    parent = app.selectbox(key="exp_run").value
+    ft, _ = run_defense(parent, "ft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.1, store=store)
+    app.button(key="exp_go").click().run()
+    assert list(app.dataframe[0].value["model"]) == ["poisoned model", "Fine-tuning (FT)"]
+    store.delete(ft.id)
+    run_defense(parent, "sft", {"epochs": 1, "min_steps": 2}, clean_fraction=0.1, store=store)
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not any("Fine-tuning (FT)" in list(d.value["model"]) for d in app.dataframe)  # no stale maps
+    app.button(key="exp_go").click().run()
+    assert list(app.dataframe[0].value["model"]) == ["poisoned model", "Super-fine-tuning (SFT)"]
 
 
 def test_sequela_page_measures_in_the_background_and_shows_the_radar(app):
