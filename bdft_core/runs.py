@@ -192,6 +192,15 @@ def check_state_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.T
                               ". Was it made for another model, dataset or number of classes?")
 
 
+def _images_trained(run: Run) -> int | None:
+    """Training images a run went through (its throughput times its training seconds), or None."""
+    try:
+        n = float(run.timings.get("images_per_s") or 0) * float(run.timings.get("train_s") or 0)
+    except (TypeError, ValueError):
+        return None
+    return int(round(n)) if math.isfinite(n) and n > 0 else None
+
+
 class RunStore:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root else runs_dir()
@@ -270,7 +279,10 @@ class RunStore:
         summary = {"attack": run.attack.get("name"), "defense": (run.defense or {}).get("name"),
                    "model": run.model.get("name"), "device": run.device,
                    "paradigm": run.config.get("paradigm", "standalone"),
-                   "victim": run.config.get("victim") if run.kind == "victim" else None}
+                   "victim": run.config.get("victim") if run.kind == "victim" else None,
+                   # the work a run did, so a sweep's estimate can scale stored runs' seconds to other sizes
+                   "images": _images_trained(run), "epochs": run.config.get("epochs"),
+                   "n_train": run.config.get("n_train"), "n_clean": run.config.get("n_clean")}
         with closing(self._db()) as db, db:
             db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (run.id, run.kind, run.parent, run.created, run.dataset, run.name, run.status,

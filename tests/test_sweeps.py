@@ -100,6 +100,37 @@ def test_estimate_before_any_run_counts_cells_and_guesses():
     assert half == pytest.approx(full * 700 / 1437)
 
 
+def test_estimate_scales_stored_runs_to_each_cells_size(tmp_path):
+    """Stored runs give seconds per training image; a cell on 4 epochs over a 700-image slice, and a
+    defense on 10% of that slice, are estimated from them in proportion, not at the stored runs'
+    own seconds (nor, for the defense, only in proportion to its clean images: its minimum steps count)."""
+    import torch
+
+    from bdft_core.runs import Run, new_run_id
+
+    store = RunStore(tmp_path / "runs")
+    tiny = torch.nn.Linear(2, 2)
+    spec_ = {"name": "fastnet", "num_classes": 10, "channels": 1, "image_size": [8, 8], "kwargs": {}}
+    # 2 epochs over the whole training set (1,437 images) in 10 s; FT on 287 clean images in 4 s
+    a = Run(id=new_run_id("attack"), kind="attack", created=1.0, dataset="digits", model=spec_,
+            attack={"name": "badnets"}, config={"epochs": 2.0, "n_train": None}, seed=0, device="cpu",
+            final={"clean_acc": 0.9, "asr": 1.0}, timings={"total_s": 10.0, "train_s": 9.0, "images_per_s": 2874 / 9.0})
+    store.save(a, tiny)
+    d = Run(id=new_run_id("defense"), kind="defense", created=2.0, dataset="digits", model=spec_, parent=a.id,
+            attack=a.attack, defense={"name": "ft"}, config={"clean_fraction": 0.2, "n_clean": 287}, seed=0,
+            device="cpu", final={"clean_acc": 0.9, "asr": 0.1},
+            timings={"total_s": 4.0, "train_s": 3.0, "images_per_s": 1148 / 3.0})
+    store.save(d, tiny)
+    grid = SweepSpec.from_dict({"name": "sized", "base": {"dataset": "digits", "attack": "badnets", "epochs": 4,
+                                                          "n_train": 700},
+                                "defense": "ft", "axes": {"clean_fraction": [0.1]}})
+    e = estimate(grid, store)
+    assert e["basis"] == "stored runs" and e["trainings_to_run"] == 1 and e["defenses_to_run"] == 1
+    # FT on 70 clean images: 2 steps an epoch, so its 60-step minimum makes 30 epochs, 2,100 images
+    expected = 10.0 / 2874 * 4 * 700 + 4.0 / 1148 * 30 * 70
+    assert e["seconds"] * e["parallel"] == pytest.approx(expected)
+
+
 # -- running through Ray ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

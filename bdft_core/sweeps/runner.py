@@ -27,6 +27,7 @@ cells it already has.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -252,9 +253,15 @@ def slots_for(spec: SweepSpec, address: str | None = None) -> int:
 
 
 def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
-    """Cells, trainings and defenses still to run, and a wall-time estimate: from the median time of
-    the stored runs of the same dataset (and defense) when there are some, else from first guesses
-    for a small CPU machine; divided by the cells that run at once."""
+    """Cells, trainings and defenses still to run, and a wall-time estimate, divided by the cells
+    that run at once. From the stored runs of the same dataset (and defense) where there are some:
+    their seconds per training image, times the images a cell trains on (its epochs and training-set
+    slice for a poisoned training, its epochs over its share of clean data for a fine-tuning
+    defense, that share for other defenses); runs stored before their
+    index kept those counts give their median seconds as they are. Without stored runs, from first
+    guesses for a small CPU machine."""
+    from ..defenses import build_defense
+    from ..paradigms import defense_defaults
     from ..pipeline import DEFAULT_EPOCHS
 
     rec = SweepRecords(store, spec.name) if store is not None else None
@@ -263,19 +270,62 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
     todo_units = [k for k in units if not (rec and rec.valid_attack(k, drop=False))]
     todo_cells = [c for cs in units.values() for c in cs
                   if c.defense != NONE and not (rec and rec.valid_cell(c.key, drop=False))]
-    rows = store.list() if store is not None else []
+    rows = [r for r in (store.list() if store is not None else []) if r.get("seconds") and r.get("status") == "finished"]
     basis = "stored runs"
 
-    def median(kind, dataset, name=None):
-        vals = [r["seconds"] for r in rows if r["kind"] == kind and r["dataset"] == dataset and r.get("seconds")
-                and r.get("status") == "finished" and (name is None or r.get("name") == name)]
-        return statistics.median(vals) if vals else None
+    def same(kind, dataset, name=None):
+        return [r for r in rows if r["kind"] == kind and r["dataset"] == dataset and (name is None or r.get("name") == name)]
+
+    def scaled(runs, work_of, work):
+        """Median seconds of ``runs``, scaled to ``work`` where the runs' own work is known."""
+        if not runs:
+            return None
+        rates = [r["seconds"] / work_of(r) for r in runs if _positive(work_of(r))]
+        if rates and _positive(work):
+            return statistics.median(rates) * work
+        return statistics.median(r["seconds"] for r in runs)
+
+    def train_size(ds):
+        """Images in a dataset's whole training set: known for the registry's names, else learned from
+        stored whole-set trainings (images seen / epochs)."""
+        if ds in TRAIN_SIZE:
+            return TRAIN_SIZE[ds]
+        seen = [r["images"] / r["epochs"] for r in same("attack", ds)
+                if not r.get("n_train") and _positive(r.get("images")) and _positive(r.get("epochs"))]
+        return statistics.median(seen) if seen else None
+
+    def cell_images(cfg, ds):
+        epochs = cfg.get("epochs") or DEFAULT_EPOCHS.get(ds, 4.0)
+        size, n = train_size(ds), cfg.get("n_train")
+        n = min(n, size) if n and size else (n or size)
+        return n, (epochs * n if n else None)
+
+    def attack_seconds(cfg, ds):
+        n, images = cell_images(cfg, ds)
+        return scaled(same("attack", ds), lambda r: r.get("images"), images)
+
+    def defense_seconds(c, ds):
+        """A fine-tuning defense by the images it will train on (its epochs, raised to its minimum
+        steps on a small budget), others by the clean images they get."""
+        runs = same("defense", ds, c.defense)
+        n, _ = cell_images(c.attack, ds)
+        if not runs or not n:
+            return scaled(runs, lambda r: None, None)
+        n_clean = max(1, round(c.clean_fraction * n))
+        try:
+            d = build_defense(c.defense, **{**defense_defaults(c.attack.get("paradigm") or "standalone", c.defense),
+                                            **c.defense_params})
+        except BdftError:
+            d = None
+        if d is not None and {"epochs", "batch_size"} <= set(d.params):
+            return scaled(runs, lambda r: r.get("images"), d.epochs_for(n_clean) * n_clean)
+        return scaled(runs, lambda r: r.get("n_clean"), n_clean)
 
     total, guessed = 0.0, False
     for k in todo_units:
         cfg = units[k][0].attack
         ds = str(cfg["dataset"])
-        s = median("attack", ds)
+        s = attack_seconds(cfg, ds)
         if s is None:
             guessed = True
             epochs = cfg.get("epochs") or DEFAULT_EPOCHS.get(ds, 4.0)
@@ -286,17 +336,18 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
         total += s
         for c in units[k]:
             if c in todo_cells:
-                d = median("defense", ds, c.defense)
+                d = defense_seconds(c, ds)
                 if d is None:
                     guessed = True
                     d = DEFENSE_SHARE * s
                 total += d
     for c in todo_cells:  # defenses of trainings already done
         if c.attack_key not in todo_units:
-            d = median("defense", str(c.attack["dataset"]), c.defense)
+            ds = str(c.attack["dataset"])
+            d = defense_seconds(c, ds)
             if d is None:
                 guessed = True
-                d = DEFENSE_SHARE * (median("attack", str(c.attack["dataset"])) or FIRST_GUESS_S.get(str(c.attack["dataset"]), 60.0))
+                d = DEFENSE_SHARE * (attack_seconds(c.attack, ds) or FIRST_GUESS_S.get(ds, 60.0))
             total += d
     slots = slots_for(spec, address)
     if guessed:
@@ -304,6 +355,10 @@ def estimate(spec: SweepSpec, store=None, address: str | None = None) -> dict:
     n_done = spec.n_cells - sum(1 for cs in units.values() for c in cs if not (rec and rec.valid_cell(c.key, drop=False)))
     return {"cells": spec.n_cells, "done": n_done, "trainings": len(units), "trainings_to_run": len(todo_units),
             "defenses_to_run": len(todo_cells), "parallel": slots, "seconds": total / slots, "basis": basis}
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _local_cpus() -> int:
