@@ -50,10 +50,10 @@ class FeatureShiftTuning(Defense):
         def shift(m, step, gen):
             return alpha * (m.classifier.weight * w0).sum()
 
-        def project(_):
+        def project(_):  # the paper's constraint ||W|| = ||W_0||, an equality (as its code does after every step)
             with torch.no_grad():
                 n = head.weight.norm()
-                if n > norm0:
+                if n > 0:
                     head.weight.mul_(norm0 / n)
 
         tr = Trainer(model, x_clean, y_clean, self.train_config(seed, len(y_clean), **train_over),
