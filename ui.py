@@ -185,22 +185,25 @@ def _render_job(j, key: str) -> None:
             st.plotly_chart(figures.curves_figure(j.series), key=f"{key}_curves_{len(sum(j.series.values(), []))}")
             st.caption(figures.CAPTIONS["curves"])
         r = j.result
-        # a transfer stopped in its attacker's stage has no poisoned (victim) model to show
-        if r and j.kind in ("demo", "defend") and r.get("defended") is not None and r.get("poisoned"):
-            rows = [{"name": "poisoned", **r["poisoned"]}] + [{"name": n, **d} for n, d in r["defended"].items()]
-            st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
-            st.caption(figures.CAPTIONS["before_after"])
-            stages = figures.paradigm_rows(r)
-            if stages:
-                st.caption("How the backdoor travelled (each model on its own test set):")
-                st.dataframe(stages, hide_index=True)
-            st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
-            st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
-            reading = figures.transfer_reading(r)
-            if reading:
-                st.warning(reading, icon=":material/info:")
+        if r and j.kind in ("demo", "defend") and r.get("defended") is not None:
+            # a transfer stopped in its attacker's stage has no poisoned (victim) model to show; a defend job
+            # whose defenses all failed has only the reasons below
+            if r.get("poisoned") and j.status != "failed":
+                rows = [{"name": "poisoned", **r["poisoned"]}] + [{"name": n, **d} for n, d in r["defended"].items()]
+                st.plotly_chart(figures.before_after_figure(rows), key=f"{key}_bars")
+                st.caption(figures.CAPTIONS["before_after"])
+                stages = figures.paradigm_rows(r)
+                if stages:
+                    st.caption("How the backdoor travelled (each model on its own test set):")
+                    st.dataframe(stages, hide_index=True)
+                st.dataframe(figures.summary_rows(r["poisoned"], r["defended"]), hide_index=True)
+                st.info(figures.conclusion(r["poisoned"], r["defended"]), icon=":material/lightbulb:")
+                reading = figures.transfer_reading(r)
+                if reading:
+                    st.warning(reading, icon=":material/info:")
+            kept = " (the other defenses' results are kept)" if r["defended"] else ""
             for f in r.get("failed", []):
-                st.error(f"{figures.label_of(f['defense'])} failed: {f['error']} (the other defenses' results are kept)")
+                st.error(f"{figures.label_of(f['defense'])} failed: {f['error']}{kept}")
             for sk in r.get("skipped", []):
                 st.warning(f"{figures.label_of(sk['defense'])} skipped: {sk['reason']}")
             if r.get("seconds"):
@@ -208,9 +211,11 @@ def _render_job(j, key: str) -> None:
                            "on the Runs page.")
             st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
         elif r and j.kind == "sweep":
-            st.success(f"Sweep {r['name']}: {len(r['ran'])} cell(s) run on {r['where'] or 'nothing (all were done)'}, "
-                       f"{len(r['reused'])} already finished, in {r['seconds']:.0f} s. Each cell is a stored run "
-                       "(Runs page).")
+            say = st.warning if r.get("failed") else st.success
+            say(f"Sweep {r['name']}: {len(r['ran'])} cell(s) run on {r['where'] or 'nothing (all were done)'}, "
+                f"{len(r['reused'])} already finished"
+                + (f", {len(r['failed'])} failed" if r.get("failed") else "")
+                + f", in {r['seconds']:.0f} s. Each cell is a stored run (Runs page).")
             for f in r.get("failed", []):
                 st.error(f"cell {f['values']} failed: {f['error']} (left missing: resume to retry it)")
         elif r and j.kind == "sequela":
@@ -230,6 +235,8 @@ def _render_job(j, key: str) -> None:
         elif j.status == "stopped":
             st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
                        + (", ".join(j.run_ids) or "none"))
+        elif j.status == "failed" and j.run_ids:
+            st.info("Stored before the failure, and kept: run(s) " + ", ".join(j.run_ids) + " (Runs page).")
 
 
 def reversed_trigger_panel(run, nc_run) -> None:

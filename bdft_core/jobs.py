@@ -309,8 +309,9 @@ class JobManager:
                 job.status, job.started = "running", time.time()
             try:
                 result = self._execute(job)
-                status = "stopped" if job.stop_event.is_set() else "finished"
-                self._update(job, result=result, status=status, ended=time.time())
+                failure = None if job.stop_event.is_set() else _nothing_done(job.kind, result)
+                status = "stopped" if job.stop_event.is_set() else "failed" if failure else "finished"
+                self._update(job, result=result, status=status, error=failure, ended=time.time())
             except BdftError as exc:
                 self._update(job, error=str(exc), status="failed", ended=time.time())
             except Exception as exc:  # never let the worker die; keep the trace in the log only
@@ -330,6 +331,7 @@ class JobManager:
 
         p, cbs, stop = job.params, self._callbacks(job), job.stop_event
         over = {"live_samples": LIVE_SAMPLES}
+        store = _Recording(self.store, job.run_ids)  # a job that fails later still names what it stored
 
         def attack_over(cfg: AttackConfig) -> dict:
             from .pipeline import DEFAULT_EPOCHS
@@ -390,9 +392,8 @@ class JobManager:
         if job.kind == "attack":
             cfg = AttackConfig.from_dict(p["config"])
             self._set_stage(job, "attack")
-            run, _ = run_attack(cfg, store=self.store, callbacks=cbs, stop=stop, train_over=attack_over(cfg),
+            run, _ = run_attack(cfg, store=store, callbacks=cbs, stop=stop, train_over=attack_over(cfg),
                                 on_stage=lambda s: self._set_stage(job, s))
-            job.run_ids.append(run.id)
             return {"run_id": run.id, "clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
                     "seconds": run.timings.get("total_s"), "status": run.status}
         if job.kind == "defend":
@@ -412,13 +413,14 @@ class JobManager:
                     continue
                 try:
                     run, _ = run_defense(parent.id, name, params=(p.get("params") or {}).get(name),
-                                         clean_fraction=p.get("clean_fraction", 0.2), store=self.store,
+                                         clean_fraction=p.get("clean_fraction", 0.2), store=store,
                                          callbacks=cbs, stop=stop,
                                          train_over=self._defense_over(parent, name, p, d_over))
-                except BdftError as exc:  # the other defenses still run; the error is shown with the result
-                    out.setdefault("failed", []).append({"defense": name, "error": str(exc)})
+                except Exception as exc:  # the other defenses still run; the error is shown with the result
+                    if not isinstance(exc, BdftError):
+                        log.error("defense %s of job %s failed:\n%s", name, job.id, traceback.format_exc())
+                    out.setdefault("failed", []).append({"defense": name, "error": _reason(exc)})
                     continue
-                job.run_ids.append(run.id)
                 out["defended"][name] = {"clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
                                          "seconds": run.timings.get("total_s"), "run_id": run.id,
                                          "status": run.status}
@@ -426,11 +428,8 @@ class JobManager:
         # demo
         cfg = AttackConfig.from_dict(p["config"])
         ao = attack_over(cfg)
-        result = run_demo(cfg, defenses=tuple(p["defenses"]), clean_fraction=p.get("clean_fraction", 0.2),
-                          store=self.store, callbacks=cbs, stop=stop,
-                          on_stage=lambda s: self._set_stage(job, s), train_over=ao)
-        job.run_ids.extend([result["run_id"]] + [d["run_id"] for d in result["defended"].values()])
-        return result
+        return run_demo(cfg, defenses=tuple(p["defenses"]), clean_fraction=p.get("clean_fraction", 0.2),
+                        store=store, callbacks=cbs, stop=stop, on_stage=lambda s: self._set_stage(job, s), train_over=ao)
 
     def _defense_over(self, parent, name, p, over) -> dict:
         from .defenses import build_defense
@@ -441,6 +440,43 @@ class JobManager:
             return dict(over)  # not a plain fine-tuning: its own phases decide when to evaluate
         total = d.total_steps(defender_size(parent, p.get("clean_fraction", 0.2)))
         return {**over, "eval_every": _eval_every(total)}
+
+
+class _Recording:
+    """A job's view of the run store: notes each run id as the run is stored, so a job that fails
+    after storing some runs (a demo whose SFT fails after its attack and FT) still lists them."""
+
+    def __init__(self, store, ids: list):
+        self._store, self._ids = store, ids
+
+    def save(self, run, model, artefacts=None):
+        out = self._store.save(run, model, artefacts=artefacts)
+        if run.id not in self._ids:
+            self._ids.append(run.id)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, BdftError) else f"unexpected error ({type(exc).__name__}): {exc}"
+
+
+def _nothing_done(kind: str, result) -> str | None:
+    """Why a job that returned normally still failed: every defense it was asked for failed or was
+    skipped, or every sweep cell it ran failed. None when something was done."""
+    if not isinstance(result, dict):
+        return None
+    if kind == "defend" and not result.get("defended") and (result.get("failed") or result.get("skipped")):
+        why = [f"{f['defense']}: {f['error']}" for f in result.get("failed", [])]
+        why += [f"{sk['defense']}: skipped ({sk['reason']})" for sk in result.get("skipped", [])]
+        return "no defense finished. " + "; ".join(why)
+    if kind == "sweep" and not result.get("ran") and result.get("failed"):
+        first = result["failed"][0]
+        return (f"all {len(result['failed'])} cell(s) run failed; the first: {first.get('error')} "
+                f"(cell {first.get('values')})")
+    return None
 
 
 __all__ = ["ACTIVE", "Job", "JobManager", "KINDS", "stage_title"]

@@ -162,3 +162,57 @@ def test_live_curves_of_every_stage_use_the_jobs_live_sample_size(jm, monkeypatc
                           params={"anp": {"mask_steps": 6}}, clean_fraction=0.3), timeout=180)
     assert d.status == "finished", d.error
     assert sizes and set(sizes) == {12}, sizes
+
+
+def test_defend_job_where_every_defense_fails_is_failed_and_keeps_the_reasons(jm):
+    a = jm.wait(jm.submit("attack", config=DIGITS), timeout=120)
+    weights = jm.store.path(a.result["run_id"]) / "model.safetensors"
+    weights.write_bytes(b"not a checkpoint")  # every defense fails to load the poisoned model
+    d = jm.wait(jm.submit("defend", parent=a.result["run_id"], defenses=["ft", "sft"], clean_fraction=0.3),
+                timeout=120)
+    assert d.status == "failed" and d.error.startswith("no defense finished") and "ft:" in d.error
+    assert d.result["defended"] == {} and [f["defense"] for f in d.result["failed"]] == ["ft", "sft"]
+
+
+def test_an_unexpected_error_in_one_defense_leaves_the_others_running(jm, monkeypatch):
+    from bdft_core.defenses.ft import FineTuning
+
+    def broken(self, *a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FineTuning, "apply", broken)
+    a = jm.wait(jm.submit("attack", config=DIGITS), timeout=120)
+    d = jm.wait(jm.submit("defend", parent=a.result["run_id"], defenses=["ft", "sft"], clean_fraction=0.3),
+                timeout=180)
+    assert d.status == "finished", d.error
+    assert set(d.result["defended"]) == {"sft"}
+    assert d.result["failed"] == [{"defense": "ft", "error": "unexpected error (RuntimeError): boom"}]
+    assert d.run_ids == [d.result["defended"]["sft"]["run_id"]]
+
+
+def test_a_demo_that_fails_in_a_defense_still_names_the_runs_it_stored(jm, monkeypatch):
+    from bdft_core.defenses.sft import SuperFineTuning
+
+    def broken(self, *a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(SuperFineTuning, "apply", broken)
+    j = jm.wait(jm.submit("demo", config=DIGITS, defenses=["ft", "sft"], clean_fraction=0.2), timeout=180)
+    assert j.status == "failed" and "boom" in j.error
+    kinds = sorted(jm.store.get(r).kind for r in j.run_ids)
+    assert kinds == ["attack", "defense"]  # the poisoned model and FT, stored before SFT failed
+
+
+def test_a_sweep_job_whose_cells_all_fail_is_failed(jm):
+    spec = {"name": "tiny-budget", "base": {"dataset": "digits", "attack": "badnets", "epochs": 1.0, "n_train": 40},
+            "defense": "ft", "clean_fraction": 0.005, "axes": {"seed": [0]}}
+    j = jm.wait(jm.submit("sweep", spec=spec, executor="process"), timeout=300)
+    assert j.status == "failed" and "all 1 cell(s) run failed" in j.error and "at least 2" in j.error
+
+
+def test_a_one_image_clean_budget_is_refused_with_a_reason(tmp_path):
+    from bdft_core.pipeline import AttackConfig, run_attack, run_defense
+
+    run, model = run_attack(AttackConfig(dataset="digits", epochs=1.0, n_train=40))
+    with pytest.raises(ConfigError, match="gives the defender 1 image"):
+        run_defense(run, "nad", clean_fraction=0.005, model=model)
