@@ -11,6 +11,9 @@ if "runs_msg" in st.session_state:
     st.success(st.session_state.pop("runs_msg"))
 st.caption("Every poisoned model (attack) and every defended model (defense) trained here, newest first.")
 
+if st.session_state.pop("runs_after_delete", False):  # before the widgets: nothing stays selected or armed,
+    st.session_state["runs_select"] = []  # so a second click cannot delete runs the user never picked
+    st.session_state["runs_delete_confirm"] = False
 rows = ui.store().list()
 if not rows:
     st.info("No runs stored yet: run the quick demo on the Home page or train one in the Attack lab.")
@@ -79,6 +82,6 @@ if sel:
                     removed += ui.store().delete(i)
                 except Exception:
                     pass  # already removed with its parent
-            st.session_state.pop("runs_select", None)
+            st.session_state["runs_after_delete"] = True
             st.session_state["runs_msg"] = f"Deleted {len(removed)} run(s)."
             st.rerun()

@@ -337,6 +337,10 @@ def test_runs_page_survives_a_damaged_record_and_a_missing_checkpoint(app):
     app.checkbox(key="runs_delete_confirm").check().run()
     app.button(key="runs_delete").click().run()
     assert not app.exception and [r["id"] for r in store.list()] == [good.id]
+    # after a delete nothing is selected and the safety catch is off: a second click deletes nothing
+    assert app.multiselect(key="runs_select").value == []
+    assert not app.get("checkbox") or app.checkbox(key="runs_delete_confirm").value is False
+    assert [r["id"] for r in store.list()] == [good.id]
 
 
 def test_attack_lab_transfer_paradigm_runs_attacker_and_victims(app):
