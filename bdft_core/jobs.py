@@ -180,6 +180,14 @@ class JobManager:
                 return j
         return None
 
+    def latest_for(self, kind: str, **params) -> Job | None:
+        """The newest job of ``kind`` whose parameters include ``params`` (the newest defend job of
+        one poisoned run, say): a page shows that run's results, not another run's."""
+        for j in self.list():
+            if j.kind == kind and all(j.params.get(k) == v for k, v in params.items()):
+                return j
+        return None
+
     def queue_position(self, job_id: str) -> int:
         """0 for the running job, 1.. for waiting ones, -1 if neither."""
         with self._lock:

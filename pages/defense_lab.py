@@ -45,6 +45,7 @@ for name in chosen:
         if DEFENSE_DEFAULTS.get(paradigm, {}).get(name):
             st.caption(f"Defaults adjusted for the {paradigm} paradigm (see the README).")
         params[name] = ui.param_widgets(defense_defaults(paradigm, name), cls.help, f"def_p_{paradigm}_{name}")
+valid = True  # settings that fail here would only fail again in the job: the button waits for a fix
 try:
     n_clean = defender_size(run, budget / 100.0)
     st.caption(f"The defender gets {n_clean} clean training images.")
@@ -57,21 +58,19 @@ try:
         st.caption(figures.CAPTIONS["schedule"])
 except Exception as exc:
     ui.show_error(exc)
+    valid = False
 
-if st.button("Run defenses", key="def_start", type="primary", disabled=not chosen,
+if st.button("Run defenses", key="def_start", type="primary", disabled=not chosen or not valid,
              help="Apply each chosen defense to the poisoned model in the background"):
     try:
-        st.session_state["def_job"] = ui.jobs().submit(
+        ui.jobs().submit(
             "defend", title=f"{', '.join(d.upper() for d in chosen)} on {parent}", parent=parent, defenses=chosen,
             params=params, clean_fraction=budget / 100.0)
     except Exception as exc:
         ui.show_error(exc)
 
-job = st.session_state.get("def_job")
-if job is None:
-    latest = ui.jobs().latest("defend")
-    job = latest.id if latest else None
-ui.job_panel(job, key="def")
+mine = ui.jobs().latest_for("defend", parent=parent)  # this run's newest defend job, not another run's
+ui.job_panel(mine.id if mine else None, key="def")
 
 newest = ui.store().newest_defenses(parent)  # the latest result per defense
 if newest:

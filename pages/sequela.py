@@ -24,15 +24,12 @@ axes = st.multiselect("Axes", sequela.axis_names(), default=sequela.axis_names()
 if st.button("Measure", key="seq_start", type="primary", disabled=not axes,
              help="Runs in the background; takes a minute or a few on a CPU"):
     try:
-        st.session_state["seq_job"] = ui.jobs().submit("sequela", title=f"sequela of {run_id}", run_id=run_id,
+        ui.jobs().submit("sequela", title=f"sequela of {run_id}", run_id=run_id,
                                                        axes=axes)
     except Exception as exc:
         ui.show_error(exc)
-job = st.session_state.get("seq_job")
-if job is None:
-    latest = ui.jobs().latest("sequela")
-    job = latest.id if latest else None
-ui.job_panel(job, key="seq")
+mine = ui.jobs().latest_for("sequela", run_id=run_id)  # this run's newest measurement, not another run's
+ui.job_panel(mine.id if mine else None, key="seq")
 
 try:
     res = sequela_runs.stored_sequela(ui.store(), run_id)

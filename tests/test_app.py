@@ -228,6 +228,18 @@ def test_defense_lab_runs_defenses_live(app):
     assert all("clean labelled data" in n for n in table["needs"][1:])
     assert any(c.value == __import__("bdft_core.figures").figures.CAPTIONS["scatter"] for c in app.caption)
     assert any(i.value.startswith("SFT: ASR") for i in app.info)
+    # another run selected: the panel shows none of the first run's job (its figures are not this run's)
+    from bdft_core.pipeline import AttackConfig, run_attack
+    from bdft_core.runs import RunStore
+
+    other, _ = run_attack(AttackConfig(dataset="digits", epochs=1.0, model_kwargs={"widths": [8, 8, 16]}),
+                          store=RunStore())
+    app.run()
+    app.selectbox(key="def_run").set_value(other.id).run()
+    assert not app.exception and _status_lines(app) == []
+    # a bad setting: the error shows and the button waits for a fix instead of failing again in a job
+    app.number_input(key="def_p_standalone_ft_lr").set_value(-1.0).run()
+    assert app.error and app.button(key="def_start").disabled
 
 
 def test_transfer_attacker_run_lists_no_victims_as_defenses(app):
