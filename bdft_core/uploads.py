@@ -55,7 +55,10 @@ def save_trigger_image(data: bytes, filename: str = "trigger", root: str | Path 
             rgb = pil_to_rgb(im)  # 16-bit grey scaled: Pillow's convert("RGB") would clip it to white
     except ConfigError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # Pillow's message names its in-memory buffer, nothing a user can use
+        raise ConfigError(f"{filename}: not a readable PNG or JPEG image (its contents are not an image "
+                          "Pillow recognises, whatever its name says)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"{filename}: not a readable PNG or JPEG image ({exc})") from None
     out = io.BytesIO()
     rgb.save(out, format="PNG")

@@ -11,6 +11,7 @@ from bdft_core.paradigms import HELP as PHELP
 from bdft_core.paradigms import ROLES, suggested_target
 from bdft_core.pipeline import DEFAULT_EPOCHS, PARADIGMS
 from bdft_core.ssl import encoders_dir, list_encoders
+from bdft_core.uploads import MAX_TRIGGER_BYTES
 
 st.title("Attack lab")
 st.caption("Plant a backdoor: pick the data, the trigger and how much of the training set to poison, "
@@ -68,17 +69,24 @@ with left:
     upload = None
     if cls.image_param:
         upload = st.file_uploader("Your own trigger image (PNG or JPEG, optional)", type=["png", "jpg", "jpeg"],
+                                  max_upload_size=MAX_TRIGGER_BYTES // 1024 ** 2,  # the widget states it, in MB
                                   key="atk_trigger_upload",
                                   help="Used as the patch (BadNets) or the blended pattern (Blended)")
-    trigger_path = None
+    # an accepted upload is kept for the session: the uploader itself is empty again after a page switch
+    trigger_path = st.session_state.get("atk_trigger_path")
     if upload is not None:
         try:
             from bdft_core.uploads import save_trigger_image
 
             trigger_path = str(save_trigger_image(upload.getvalue(), upload.name))
+            st.session_state["atk_trigger_path"] = trigger_path
+            st.session_state["atk_trigger_name"] = upload.name
             st.success("Trigger image accepted: choose 'uploaded image' below to use it.")
         except Exception as exc:
             ui.show_error(exc)
+    elif trigger_path and cls.image_param:
+        st.caption(f"Your uploaded trigger ({st.session_state.get('atk_trigger_name', 'image')}) is still on "
+                   "offer as 'uploaded image' below.")
     choices = {k: tuple(v) + (("uploaded image",) if k == cls.image_param and trigger_path else ())
                for k, v in cls.choices.items()}
     with st.expander("Trigger settings", expanded=True):

@@ -146,6 +146,7 @@ def test_trigger_uploads(app):
     up = app.get("file_uploader")[0]
     up.set_value(("notes.png", b"this is not an image", "image/png")).run()
     assert any("not a readable PNG or JPEG" in e.value for e in app.error)
+    assert not any("BytesIO" in e.value for e in app.error)  # no Python internals in the message
     up = app.get("file_uploader")[0]
     from PIL import Image
 
@@ -161,6 +162,12 @@ def test_trigger_uploads(app):
     pat.set_value("uploaded image").run()
     assert not app.error
     assert not app.exception
+    # a page switch empties the uploader; the accepted image stays on offer and chosen
+    _page(app, "home")
+    _page(app, "attack_lab")
+    assert "uploaded image" in app.selectbox(key="atk_p_badnets_pattern").options
+    assert app.selectbox(key="atk_p_badnets_pattern").value == "uploaded image"
+    assert any("still on offer" in c.value for c in app.caption)
 
 
 def _checkpoint_bytes(at):
