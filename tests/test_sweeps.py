@@ -198,6 +198,101 @@ def test_process_pool_gives_the_same_cells_and_stops_cleanly(ray_sweep, tmp_path
     assert run_sweep(sub, store, executor="process").ran == [gone["cell"]]
 
 
+def test_a_stop_keeps_the_cells_that_had_already_finished(tmp_path, monkeypatch):
+    """Results that arrived before the stop was seen are recorded, not cancelled with the rest: here
+    both defenses have finished when the first is reported, and that report sets the stop."""
+    from bdft_core.sweeps import runner
+
+    class Inline:  # runs each task at once, then hands the results out one per wait()
+        name, where, resources = "inline", "this process", {}
+
+        def __init__(self):
+            self.events = []
+
+        def put(self, payload):
+            return payload
+
+        def submit_attack(self, tag, cfg):
+            self.events.append((tag, runner.attack_task(cfg), None))
+
+        def submit_defense(self, tag, parent, cell):
+            self.events.append((tag, runner.defense_task(parent, cell.defense, cell.defense_params,
+                                                         cell.clean_fraction), None))
+
+        def wait(self, timeout):
+            return [self.events.pop(0)] if self.events else []
+
+        def drain(self):
+            out, self.events = self.events, []
+            return out
+
+        def busy(self):
+            return bool(self.events)
+
+        def cancel(self):
+            self.events.clear()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runner, "_task_env", lambda threads: None)  # keep this process's threads
+    monkeypatch.setattr(runner, "pick_backend", lambda spec, executor="auto", address=None: Inline())
+    store = RunStore(tmp_path / "runs")
+    sub = spec(name="drain", axes={"poison_rate": [0.2], "clean_fraction": [0.2], "defense": ["ft", "sft"]})
+    stop = threading.Event()
+    res = run_sweep(sub, store, on_cell=lambda row: stop.set(), stop=stop)
+    assert res.stopped and len(res.ran) == 2 and not res.failed
+    assert all(r["status"] == "finished" for r in sweep_rows(store, sub))
+
+
+def test_a_dead_pool_worker_fails_its_cell_instead_of_hanging_the_sweep(tmp_path, monkeypatch):
+    """A worker killed mid-task (as the kernel's out-of-memory killer would) never reports back; the
+    sweep must end with that cell failed and missing, not wait for it for ever."""
+    import multiprocessing as mp
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setenv("TMPDIR", str(work))  # the task's private run store appears here once it runs
+    store = RunStore(tmp_path / "runs")
+    sub = SweepSpec.from_dict({"name": "killed", "base": {"dataset": "digits", "attack": "badnets", "epochs": 300.0},
+                               "axes": {"defense": ["none"]}})
+    out = {}
+    t = threading.Thread(target=lambda: out.update(res=run_sweep(sub, store, executor="process")), daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    while not list(work.glob("bdft-cell-*")):
+        assert time.monotonic() - t0 < 120, "the task never started"
+        time.sleep(0.1)
+    time.sleep(1)  # the worker is in its task now
+    for child in mp.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    t.join(timeout=60)
+    assert not t.is_alive(), "the sweep hung on its dead worker"
+    res = out["res"]
+    assert res.ran == [] and len(res.failed) == 1 and "worker process died" in res.failed[0]["error"]
+    assert [r["status"] for r in sweep_rows(store, sub)] == ["missing"]
+
+
+def test_a_transfer_training_imports_its_attacker_before_its_victims(tmp_path):
+    """Imported in the order the task lists them, a kill between two imports must not leave a victim
+    whose attacker is missing (every resume then failed on it); a record whose chain is broken is run
+    again."""
+    from bdft_core.sweeps import runner
+    from bdft_core.sweeps.runner import SweepRecords
+
+    out = runner.attack_task({"dataset": "digits", "paradigm": "transfer", "epochs": 1.0,
+                              "paradigm_params": {"head_epochs": 0.5, "full_epochs": 0.5}})
+    kinds = [json.loads(files["run.json"])["kind"] for files in out["runs"].values()]
+    assert kinds[0] == "attack" and set(kinds[1:]) == {"victim"}
+    store = RunStore(tmp_path / "runs")
+    victims = [f for f in out["runs"].values() if json.loads(f["run.json"])["kind"] == "victim"]
+    for files in victims:  # as if killed before the attacker's import (the old order)
+        store.import_run(files)
+    rec = SweepRecords(store, "t")
+    rec.put_attack("k", {"run_id": out["run_id"]})
+    assert rec.valid_attack("k") is None and rec.attack("k") is None  # dropped: run again on resume
+
+
 # -- resuming after a kill -------------------------------------------------------------------------
 
 def _cli(args, env, **kw):

@@ -72,7 +72,9 @@ def attack_task(cfg: dict, threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="bdft-cell-") as d:
         store = RunStore(d)
         run, _ = run_attack(AttackConfig.from_dict(dict(cfg)), store=store)
-        runs = {r["id"]: store.export_run(r["id"]) for r in store.list()}
+        # oldest first (a transfer's attacker before its victims): imported in this order, a kill between
+        # two imports never leaves a victim without its parent
+        runs = {r["id"]: store.export_run(r["id"]) for r in reversed(store.list())}
     return {"run_id": run.id, "runs": runs, "clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
             "seconds": time.perf_counter() - t0, "status": run.status, "device": run.device,
             "host": socket.gethostname()}
@@ -160,11 +162,23 @@ class SweepRecords:
                 return False
         return True
 
+    def _chain(self, run_id) -> list:
+        """``run_id`` and the runs it descends from (a transfer victim's attacker); a missing or
+        unreadable one ends the list with False."""
+        out = []
+        while run_id and run_id not in out:
+            out.append(run_id)
+            try:
+                run_id = self.store.get(run_id).parent
+            except BdftError:
+                return out + [False]
+        return out
+
     def valid_attack(self, key: str, drop: bool = True) -> dict | None:
-        """The record of a training whose run is still stored, else None (and, with ``drop``, the
-        record is removed, so that the sweep runs it again)."""
+        """The record of a training whose run, and every run it descends from, is still stored, else
+        None (and, with ``drop``, the record is removed, so that the sweep runs it again)."""
         rec = self.attack(key)
-        if rec and self._has_runs(rec.get("run_id")):
+        if rec and rec.get("run_id") and False not in self._chain(rec.get("run_id")):
             return rec
         if rec and drop:
             self.drop("attacks", key)
@@ -466,6 +480,20 @@ class _RayBackend:
                 out.append((tag, None, _reason(exc)))
         return out
 
+    def drain(self) -> list[tuple]:
+        """Results that are already there, without waiting for the others."""
+        if not self.pending:
+            return []
+        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        out = []
+        for ref in done:
+            tag = self.pending.pop(ref)
+            try:
+                out.append((tag, self.ray.get(ref), None))
+            except Exception as exc:
+                out.append((tag, None, _reason(exc)))
+        return out
+
     def busy(self) -> bool:
         return bool(self.pending)
 
@@ -492,13 +520,18 @@ def _pool_init(gpu_ids) -> None:  # pragma: no cover - runs in the pool's proces
 
 class _PoolBackend:
     """The same tasks on a local process pool (fresh "spawn" processes, each reused for many cells):
-    what runs where Ray is not installed."""
+    what runs where Ray is not installed. A worker that dies (killed, out of memory) fails its task
+    and every task still in the pool (their cells are reported failed, to run again on resume)
+    instead of leaving the sweep waiting for it."""
 
     name = "process"
+    DIED = ("its worker process died (killed, or out of memory?); the cell is left missing: resume the sweep "
+            "to run it again")
 
     def __init__(self, spec: SweepSpec):
         import multiprocessing as mp
         import queue as _q
+        from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("spawn")
         gpus = _local_gpus() if spec.gpus_per_cell != 0 else 0
@@ -511,16 +544,33 @@ class _PoolBackend:
         else:
             n = max(1, _local_cpus() // spec.threads_per_cell)
         self.threads = spec.threads_per_cell
-        self.pool = ctx.Pool(n, initializer=_pool_init, initargs=(gpu_q,))
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_pool_init, initargs=(gpu_q,))
         self.where = f"local process pool ({n} processes)"
         self.resources = {"CPU": _local_cpus(), "GPU": gpus, "nodes": 1}
         self.events: _q.Queue = _q.Queue()
         self.n_pending = 0
+        self.cancelled = False
 
     def _submit(self, tag, fn, args):
+        from concurrent.futures.process import BrokenProcessPool
+
         self.n_pending += 1
-        self.pool.apply_async(fn, args, callback=lambda r: self.events.put((tag, r, None)),
-                              error_callback=lambda e: self.events.put((tag, None, _reason(e))))
+        try:
+            fut = self.pool.submit(fn, *args)
+        except BrokenProcessPool:  # a worker died earlier: nothing more starts in this pool
+            self.events.put((tag, None, self.DIED))
+            return
+
+        def done(f):
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is None:
+                self.events.put((tag, f.result(), None))
+            else:
+                self.events.put((tag, None, self.DIED if isinstance(exc, BrokenProcessPool) else _reason(exc)))
+
+        fut.add_done_callback(done)
 
     def submit_attack(self, tag, cfg: dict):
         self._submit(tag, attack_task, (cfg, self.threads))
@@ -545,16 +595,42 @@ class _PoolBackend:
         self.n_pending -= 1
         return [item]
 
+    def drain(self) -> list[tuple]:
+        """Results that are already there, without waiting for the others."""
+        import queue as _q
+
+        out = []
+        while self.n_pending:
+            try:
+                out.append(self.events.get_nowait())
+            except _q.Empty:
+                break
+            self.n_pending -= 1
+        return out
+
     def busy(self) -> bool:
         return self.n_pending > 0
 
+    def _kill_workers(self) -> None:
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            if proc.is_alive():
+                proc.kill()
+
     def cancel(self) -> None:
-        self.pool.terminate()
+        """End what is running now: the workers are killed, not asked (a task checks no stop flag)."""
+        self.cancelled = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._kill_workers()
         self.n_pending = 0
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        if not self.cancelled:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self._kill_workers()
+
+
+def _f3(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
 
 
 def _reason(exc: BaseException) -> str:
@@ -690,14 +766,8 @@ def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str 
                     payloads[akey] = ref
                     start_defenses(akey, ref)
         cells_by_key = {c.key: c for cs in todo.values() for c in cs}
-        while True:
-            if stop is not None and stop.is_set():
-                backend.cancel()
-                res.stopped = True
-                break
-            events = backend.wait(timeout=0.5)
-            if not events and not backend.busy():
-                break
+
+        def handle(events, stopping: bool = False) -> None:
             for (kind, akey, ckey), out, error in events:
                 if kind == "attack":
                     if error is not None:
@@ -710,11 +780,12 @@ def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str 
                         store.import_run(files)
                     res.trainings_ran += 1
                     attack_rec[akey] = a
-                    say(f"poisoned training {akey}: CA {a['clean_acc']:.3f} ASR {a['asr']:.3f} ({a['seconds']:.0f} s)")
+                    say(f"poisoned training {akey}: CA {_f3(a.get('clean_acc'))} ASR {_f3(a.get('asr'))} "
+                        f"({a.get('seconds') or 0:.0f} s)")
                     for c in todo[akey]:
                         if c.defense == NONE:
                             finish_cell(c, a, None)
-                    if backend.name != "ray":
+                    if backend.name != "ray" and not stopping:
                         start_defenses(akey, out)
                 else:
                     c = cells_by_key[ckey]
@@ -723,7 +794,18 @@ def run_sweep(spec: SweepSpec, store=None, executor: str = "auto", address: str 
                             fail(c, error)
                         continue
                     finish_cell(c, attack_rec[akey], out)
-                    say(f"cell {c.values}: CA {out['clean_acc']:.3f} ASR {out['asr']:.3f}")
+                    say(f"cell {c.values}: CA {_f3(out.get('clean_acc'))} ASR {_f3(out.get('asr'))}")
+
+        while True:
+            if stop is not None and stop.is_set():
+                handle(backend.drain(), stopping=True)  # what finished before the stop is kept
+                backend.cancel()
+                res.stopped = True
+                break
+            events = backend.wait(timeout=0.5)
+            if not events and not backend.busy():
+                break
+            handle(events)
     except BaseException:
         backend.cancel()
         raise
