@@ -63,6 +63,22 @@ def label_of(name: str | None) -> str:
     return DEFENSES[key].title if key in DEFENSES else key
 
 
+def count(n: int, noun: str) -> str:
+    """1 -> '1 cell', 3 -> '3 cells'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def duration(seconds: float | None) -> str:
+    """A wall time for people: '40 s', '3.5 min', '1.2 h'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def pct(v: float | None, digits: int = 1) -> str:
     """0.9567 -> '95.7%'; None/NaN -> '–'."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -316,7 +332,8 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
             "residual": [residual_display(i, s) for i in r["residual"]]}
 
 
-__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
+__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion", "count",
+           "duration",
            "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "role_of", "run_bar_rows", "run_series",
            "schedule_figure",
            "summary_rows", "to_display", "transfer_reading", "trigger_on_grey", "trigger_preview"]

@@ -77,9 +77,10 @@ with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.sess
         spec = SweepSpec.from_dict(grid)
         est = estimate(spec, store, address=address or None)
         done = f", {est['done']} already done" if est["done"] else ""
-        st.info(f"**{est['cells']} cells**{done}: {est['trainings_to_run']} poisoned trainings and "
-                f"{est['defenses_to_run']} defenses to run, {est['parallel']} at a time. Estimated time: about "
-                f"**{max(est['seconds'], 1) / 60:.1f} min** (from {est['basis']}).", icon=":material/grid_on:")
+        st.info(f"**{est['cells']} cells**{done}: {figures.count(est['trainings_to_run'], 'poisoned training')} and "
+                f"{figures.count(est['defenses_to_run'], 'defense')} to run, {est['parallel']} at a time. Estimated "
+                f"time: about **{figures.duration(est['seconds'])}** (from {est['basis']}; starting the workers "
+                "adds a few seconds).", icon=":material/grid_on:")
     except Exception as exc:
         ui.show_error(exc)
     b1, b2 = st.columns([1, 3])
@@ -131,7 +132,11 @@ def results() -> None:
     n_done = sum(r["status"] == "finished" for r in rows)
     st.progress(n_done / len(rows), text=f"{n_done} of {len(rows)} cells finished")
     if not n_done:
-        st.caption("The first cells appear here as they finish.")
+        if live:
+            st.caption("The first cells appear here as they finish.")
+        else:  # stopped early, every cell failed, or its runs were deleted: it can still be run
+            st.caption("No cell of this sweep is finished.")
+            resume_button(len(rows), spec)
         return
     v = sf.default_views(axes, rows)
     metrics = list(sf.METRICS)
@@ -184,14 +189,18 @@ def results() -> None:
                        file_name=f"{pick}.html", mime="text/html", key="sw_html")
     missing = len(rows) - n_done
     if missing and not live:
-        if st.button(f"Resume: run the {missing} missing cells", key="sw_resume"):
-            try:
-                st.session_state["sw_job"] = ui.jobs().submit("sweep", title=f"sweep {pick} (resumed)",
-                                                              spec=spec.to_dict(), executor=executor,
-                                                              address=address or None)  # as set above
-                st.rerun()
-            except Exception as exc:
-                ui.show_error(exc)
+        resume_button(missing, spec)
+
+
+def resume_button(missing: int, spec) -> None:
+    if st.button(f"Resume: run the {figures.count(missing, 'missing cell')}", key="sw_resume"):
+        try:
+            st.session_state["sw_job"] = ui.jobs().submit("sweep", title=f"sweep {pick} (resumed)",
+                                                          spec=spec.to_dict(), executor=executor,
+                                                          address=address or None)  # as set above
+            st.rerun()
+        except Exception as exc:
+            ui.show_error(exc)
 
 
 if live:

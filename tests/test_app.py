@@ -509,3 +509,12 @@ def test_sweeps_page_defines_runs_and_plots_a_grid(app):
     app.selectbox(key="sw_metric").set_value("clean_acc").run()
     assert not app.exception
     assert not any(b.label.startswith("Resume") for b in app.button), (list(table["status"]), [c.value for c in app.caption][:5])  # nothing missing
+    # every cell's runs deleted since: no cell is finished, and the sweep can still be resumed from here
+    from bdft_core.runs import RunStore
+
+    store = RunStore()
+    for r in store.list(kind="attack"):
+        store.delete(r["id"])
+    app.run()
+    assert any("No cell of this sweep is finished" in c.value for c in app.caption)
+    assert app.button(key="sw_resume").label == "Resume: run the 4 missing cells"

@@ -114,6 +114,8 @@ def test_exports(tmp_path):
 
 def test_figure_helpers():
     assert figures.pct(0.9567) == "95.7%" and figures.pct(None) == "–"
+    assert [figures.duration(s) for s in (0.2, 40, 210, 7200, None)] == ["1 s", "40 s", "3.5 min", "2.0 h", "unknown"]
+    assert figures.count(1, "cell") == "1 cell" and figures.count(4, "cell") == "4 cells"
     assert figures.color_of("attack") == figures.color_of("poisoned") == figures.ATTACK_COLOR
     assert figures.color_of("ft") != figures.color_of("sft") != figures.ATTACK_COLOR
     assert figures.color_of("some_future_defense") == figures.color_of("some_future_defense")
