@@ -330,6 +330,13 @@ def test_radar_fixed_ranges_on_a_hand_made_result():
     assert list(a.theta) == [t for t in r["titles"]] + r["titles"][:1] and list(a.r)[:3] == pytest.approx([0.5, 0.2, 1.0])
     assert list(b.theta) == [r["titles"][0], r["titles"][2], r["titles"][0]] and list(b.r) == pytest.approx([0.0, 0.1, 0.0])
     assert list(fig.layout.polar.angularaxis.categoryarray) == r["titles"]  # axis order kept despite the gap
+    from bdft_core import figures
+
+    res["models"] = ["poisoned", "sft"]  # the dashboard's names: the same labels and colours as its other pages
+    res["results"] = {"poisoned": res["results"]["a"], "sft": res["results"]["b"]}
+    p, s = radar_figure(res).data
+    assert (p.name, p.line.color) == ("poisoned model", figures.ATTACK_COLOR)
+    assert (s.name, s.line.color, s.fillcolor) == ("Super-fine-tuning (SFT)", figures.color_of("sft"), figures.color_of("sft"))
 
 
 def test_evaluate_errors_and_stop(digits):

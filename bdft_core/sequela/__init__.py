@@ -182,16 +182,20 @@ def radar_figure(result: dict, scale: str = "fixed", title: str | None = None):
     which would read as "least vulnerable"."""
     import plotly.graph_objects as go
 
+    from ..figures import color_of, label_of
+
     r = radar_axes(result, scale=scale)
     fig = go.Figure()
     for m in r["models"]:
         vals = r["values"][m]
-        corners = [(radius, t, f"<b>{t}</b><br>{m}: {v:.3f} {u}<br>{mean}")
+        name = label_of(m)  # the same names and colours as every other page (the poisoned model red)
+        corners = [(radius, t, f"<b>{t}</b><br>{name}: {v:.3f} {u}<br>{mean}")
                    for radius, t, v, u, mean in zip(r["models"][m], r["titles"], vals, r["units"], r["meaning"])
                    if radius is not None and v is not None]
         corners += corners[:1]  # close the polygon
-        fig.add_trace(go.Scatterpolar(r=[c[0] for c in corners], theta=[c[1] for c in corners], name=m,
-                                      fill="toself", opacity=0.55, text=[c[2] for c in corners], hoverinfo="text"))
+        fig.add_trace(go.Scatterpolar(r=[c[0] for c in corners], theta=[c[1] for c in corners], name=name,
+                                      line={"color": color_of(m)}, fillcolor=color_of(m), fill="toself", opacity=0.55,
+                                      text=[c[2] for c in corners], hoverinfo="text"))
     fig.update_layout(polar={"radialaxis": {"range": [0, 1], "showticklabels": False},
                              # the axes in their own order, whichever model's polygon skips one
                              "angularaxis": {"categoryorder": "array", "categoryarray": r["titles"]}},
