@@ -229,7 +229,11 @@ def _render_job(j, key: str) -> None:
             c1.metric("Clean accuracy (CA)", figures.pct(r.get("clean_acc")), help=figures.CAPTIONS["ca"])
             c2.metric("Attack success rate (ASR)", figures.pct(r.get("asr")), help=figures.CAPTIONS["asr"])
             c3.metric("Seconds", f"{r.get('seconds') or 0:.1f}")
+            warn = figures.training_warning(r.get("clean_acc"), r.get("asr"), r.get("num_classes"), r.get("poison_rate"))
+            if warn:
+                st.warning(warn, icon=":material/warning:")
             st.caption(f"Stored as run `{r['run_id']}`: defend it in the Defense lab.")
+            st.page_link("pages/defense_lab.py", label="Open the Defense lab", icon=":material/shield:")
         if j.status == "stopped" and j.kind == "sweep":
             st.warning("Stopped: the finished cells are kept; resume the sweep to run only the missing ones.")
         elif j.status == "stopped":

@@ -142,7 +142,8 @@ def verdict(result: dict, tolerance: float = 0.02, ca_tolerance: float = 0.03) -
         return "SFT's newest run was stopped before its end: run it again to check the paper's claim."
     best = best_baseline(result.get("rows", []), poisoned_ca=(result.get("poisoned") or {}).get("clean_acc"))
     if sft is None or best is None or sft.get("asr") is None:
-        return "Run SFT and at least one other defense (not FT) to the end to check the paper's claim."
+        return ("The paper claims SFT removes a backdoor as well as the stronger defenses do, at a lower cost: run "
+                "SFT and at least one of them (any defense but FT) to the end to check that claim here.")
 
     def took(r):
         s = r.get("seconds")

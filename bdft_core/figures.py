@@ -195,6 +195,21 @@ def conclusion(poisoned: dict, defended: dict[str, dict], success_asr: float = 0
     return " ".join(parts)
 
 
+def training_warning(clean_acc: float | None, asr: float | None, num_classes: int | None,
+                     poison_rate: float | None = None) -> str:
+    """A plain-words warning when a poisoned model is not fit to study: it never learned the task
+    (clean accuracy near chance), or its backdoor did not take (low ASR although images were
+    poisoned). Empty when neither."""
+    if _known(clean_acc) and num_classes and clean_acc <= 1.5 / num_classes:
+        return (f"This model did not learn the task: its clean accuracy ({pct(clean_acc)}) is about what guessing "
+                f"among {num_classes} classes gives. Train for more epochs or on more images before defending it: "
+                "a defense's figures on it mean nothing.")
+    if _known(asr) and asr < 0.5 and (poison_rate is None or poison_rate > 0):
+        return (f"The backdoor did not take: only {pct(asr)} of triggered images go to the target. More poisoned "
+                "images, more epochs or a more visible trigger make it work; a defense has little to remove here.")
+    return ""
+
+
 def trigger_on_grey(attack, shape, scale: int = 4) -> np.ndarray:
     """The trigger drawn on a plain grey image (a patch shows as a crisp square)."""
     import torch
@@ -332,11 +347,10 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
             "residual": [residual_display(i, s) for i in r["residual"]]}
 
 
-__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion", "count",
-           "duration",
-           "curves_figure", "label_of", "paradigm_rows", "pct", "residual_display", "role_of", "run_bar_rows", "run_series",
-           "schedule_figure",
-           "summary_rows", "to_display", "transfer_reading", "trigger_on_grey", "trigger_preview"]
+__all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
+           "count", "curves_figure", "duration", "label_of", "paradigm_rows", "pct", "residual_display", "role_of",
+           "run_bar_rows", "run_series", "schedule_figure", "summary_rows", "to_display", "training_warning",
+           "transfer_reading", "trigger_on_grey", "trigger_preview"]
 
 
 # -- comparing defenses ------------------------------------------------------------------------------

@@ -403,7 +403,8 @@ class JobManager:
             run, _ = run_attack(cfg, store=store, callbacks=cbs, stop=stop, train_over=attack_over(cfg),
                                 on_stage=lambda s: self._set_stage(job, s))
             return {"run_id": run.id, "clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
-                    "seconds": run.timings.get("total_s"), "status": run.status}
+                    "seconds": run.timings.get("total_s"), "status": run.status,
+                    "num_classes": run.model.get("num_classes"), "poison_rate": run.attack.get("poison_rate")}
         if job.kind == "defend":
             parent = self.store.get(p["parent"])
             out = {"parent": parent.id, "poisoned": {"clean_acc": parent.final.get("clean_acc"),

@@ -116,6 +116,10 @@ def test_figure_helpers():
     assert figures.pct(0.9567) == "95.7%" and figures.pct(None) == "–"
     assert [figures.duration(s) for s in (0.2, 40, 210, 7200, None)] == ["1 s", "40 s", "3.5 min", "2.0 h", "unknown"]
     assert figures.count(1, "cell") == "1 cell" and figures.count(4, "cell") == "4 cells"
+    assert "did not learn the task" in figures.training_warning(0.122, 0.0, 10, 0.1)  # chance is 10%
+    assert "did not take" in figures.training_warning(0.9, 0.3, 10, 0.1)
+    assert figures.training_warning(0.9, 0.3, 10, 0.0) == ""  # a clean model is meant to have no backdoor
+    assert figures.training_warning(0.9, 0.97, 10, 0.1) == "" and figures.training_warning(None, None, None) == ""
     assert figures.color_of("attack") == figures.color_of("poisoned") == figures.ATTACK_COLOR
     assert figures.color_of("ft") != figures.color_of("sft") != figures.ATTACK_COLOR
     assert figures.color_of("some_future_defense") == figures.color_of("some_future_defense")
