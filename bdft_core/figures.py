@@ -464,6 +464,12 @@ def explain_sentence(result: dict) -> str:
     fmt = (lambda v: pct(v)) if key == "share_triggered" else (lambda v: f"{v:.2f}")
     parts = [f"On triggered images the poisoned model puts {fmt(p[key])} {what}"
              if key == "share_triggered" else f"The poisoned model's map changes by {fmt(p[key])} when the trigger is added"]
+    area = result.get("region_area") if key == "share_triggered" else None
+    if _known(area) and area > 0 and p[key] < 1.5 * area:  # no more than an even spread would put there
+        return (f"On triggered images the poisoned model puts {fmt(p[key])} of its attention on the trigger patch, "
+                f"about what an even spread over the image gives ({fmt(area)}: the patch's share of the pixels). "
+                "These maps do not single out the trigger, so they cannot show a defense moving attention away "
+                "from it: try another method or layer.")
     others = [r for m, r in rows.items() if m != "poisoned" and r.get(key) is not None]
     if not others:
         return parts[0] + ". Apply a defense in the Defense lab to compare."

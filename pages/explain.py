@@ -30,7 +30,8 @@ if explain.METHODS[method].uses_layer:
         layer = st.selectbox("Grad-CAM layer", names, index=names.index(default), key="exp_layer", persist_state="session",
                              format_func=lambda nm: layers[names.index(nm)],
                              help="Deeper layers are more about meaning, shallower ones localise better; the default "
-                                  "is the deepest with at least 8x8 maps")
+                                  "is the deepest whose maps are at least a quarter of the image's side (8x8 on 32x32 "
+                                  "images, 2x2 on 8x8 digits)")
     except Exception as exc:
         ui.show_error(exc)
         st.stop()

@@ -168,6 +168,13 @@ def test_explain_sentence_without_attention_on_the_trigger():
     assert "inf" not in text and "no attention on the trigger to remove" in text
     res["rows"][0]["share_triggered"] = 0.4
     assert "down to nothing" in figures.explain_sentence(res)
+    # a 3x3 patch is 14% of an 8x8 image: a 15.5% share is what an even spread gives, not attention
+    res = {"region_area": 9 / 64, "rows": [{"model": "poisoned", "share_triggered": 0.155},
+                                           {"model": "sft", "share_triggered": 0.072}]}
+    text = figures.explain_sentence(res)
+    assert "even spread" in text and "left the trigger" not in text
+    res["rows"][0]["share_triggered"] = 0.6
+    assert "left the trigger" in figures.explain_sentence(res)
 
 
 def test_preview_images():
