@@ -136,7 +136,8 @@ def schedule_figure(schedules: dict[str, list[float]], height: int = 260):
         fig.add_trace(go.Scatter(x=list(range(len(vals))), y=vals, mode="lines", name=label_of(name),
                                  line={"color": color_of(name)}))
     fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, xaxis_title="step",
-                      yaxis_title="learning rate", yaxis_type="log", title="Learning-rate schedule")
+                      yaxis_title="learning rate", yaxis_type="log", title="Learning-rate schedule",
+                      yaxis={"dtick": 1, "exponentformat": "power"})  # one labelled tick per decade: 10⁻³, 10⁻²
     return fig
 
 
@@ -293,22 +294,34 @@ def run_bar_rows(runs: Iterable) -> list[dict]:
 
 
 def compare_figure(runs: Iterable, height: int = 360):
-    """Curves of several stored runs, one line each (labelled by run id and name)."""
+    """Curves of several stored runs, one line each (labelled by run id and name). Poisoned models'
+    trainings and defenses get a row each when both are there: their epochs count different things
+    (passes over the training set, over the defender's clean data)."""
     go, make_subplots = _go()
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Attack success rate", "Clean accuracy"))
+    runs = list(runs)
+    trained = {r.id for r in runs if r.kind in ("attack", "victim")}
+    rows = 2 if trained and len(trained) < len(runs) else 1
+    titles = ("Attack success rate", "Clean accuracy")
+    if rows == 2:
+        titles = ("Training the poisoned models: ASR", "… and CA",
+                  "Defenses, each from its poisoned model: ASR", "… and CA")
+    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.2)
     for run in runs:
         pts = run_series(run)
         label = f"{run.name} · {run.id[-6:]}"
         color = color_of(role_of(run))
         dash = "dot" if run.kind == "victim" else None  # a victim's model: the attack's reds, dotted
+        row = 2 if rows == 2 and run.id not in trained else 1
         for col, key in ((1, "asr"), (2, "clean_acc")):
             fig.add_trace(go.Scatter(x=[p["epoch"] for p in pts],
                                      y=[None if p[key] is None else 100 * p[key] for p in pts],
                                      mode="lines+markers", name=label, legendgroup=run.id, showlegend=col == 1,
-                                     line={"color": color, "dash": dash}), row=1, col=col)
+                                     line={"color": color, "dash": dash}), row=row, col=col)
     fig.update_yaxes(range=[0, 100], ticksuffix="%")
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h"})
+    # the legend below the axis titles, not over them
+    fig.update_layout(height=height * rows, margin={"l": 40, "r": 10, "t": 50, "b": 40},
+                      legend={"orientation": "h", "y": -0.14 if rows == 2 else -0.3})
     return fig
 
 

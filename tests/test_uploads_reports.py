@@ -160,6 +160,11 @@ def test_before_after_bars_of_stored_runs_keep_roles_and_runs_apart():
     assert colours[3] == colours[4] == figures.color_of("ft")
     page = report.html_report(runs)
     assert "victim: whole model trained" in page
+    # curves: poisoned models' trainings on the first row, defenses (their own epochs) on the second
+    curves = figures.compare_figure(runs)
+    axes = {t.legendgroup: t.xaxis for t in curves.data if t.showlegend}
+    assert [axes[r.id] for r in runs] == ["x", "x", "x", "x3", "x3"]
+    assert [t.xaxis for t in figures.compare_figure(runs[:2]).data] == ["x", "x2", "x", "x2"]  # one row
 
 
 def test_explain_sentence_without_attention_on_the_trigger():
