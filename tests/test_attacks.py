@@ -69,7 +69,7 @@ def test_badnets_random_pattern_is_seeded():
 
 @pytest.mark.parametrize("kw,msg", [({"size": 9}, "larger than"), ({"position": "middle"}, "unknown patch position"),
                                     ({"position": [7, 7]}, "does not fit"), ({"pattern": "stripes"}, "unknown patch pattern"),
-                                    ({"size": 0}, "at least 1")])
+                                    ({"size": 0}, "at least 1"), ({"margin": -5}, "margin must be 0 or more")])
 def test_badnets_rejects_bad_settings(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         build_attack("badnets", (3, 8, 8), 10, **kw)

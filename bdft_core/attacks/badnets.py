@@ -34,6 +34,8 @@ class BadNets(MaskPatternAttack):
         margin = int(self.params["margin"])
         if s < 1:
             raise ConfigError(f"BadNets patch size must be at least 1 pixel, got {s}")
+        if margin < 0:  # it was taken as 0 while the record kept the negative value
+            raise ConfigError(f"BadNets margin must be 0 or more pixels from the edge, got {margin}")
         if s > min(h, w):
             raise ConfigError(f"BadNets patch of {s}x{s} pixels is larger than the {h}x{w} image")
         pos = self.params["position"]
