@@ -49,10 +49,17 @@ valid = True  # settings that fail here would only fail again in the job: the bu
 try:
     n_clean = defender_size(run, budget / 100.0)
     st.caption(f"The defender gets {n_clean} clean training images.")
+    runs_for = []
     for name in chosen:
         d = build_defense(name, **params[name])
         if d.has_schedule():
             schedules[name] = d.schedule_values(n_clean)
+            epochs, asked = d.epochs_for(n_clean), float(d.params["epochs"])
+            runs_for.append(f"{d.title}: {d.total_steps(n_clean)} steps, {epochs:.3g} epochs"
+                            + (f" (raised from {asked:g} to reach its {d.params['min_steps']}-step minimum)"
+                               if epochs > asked else ""))
+    if runs_for:
+        st.caption("What will run on this budget: " + "; ".join(runs_for) + ".")
     if schedules:
         st.plotly_chart(figures.schedule_figure(schedules), key="def_schedule")
         st.caption(figures.CAPTIONS["schedule"])

@@ -222,6 +222,9 @@ def test_defense_lab_runs_defenses_live(app):
     assert names == ["Fine-tuning (FT)", "Super-fine-tuning (SFT)"]
     app.slider(key="def_budget").set_value(30.0).run()
     assert any("clean training images" in c.value for c in app.caption)
+    # 30% of digits' 1,437 training images is 431: 7 steps of 64 an epoch, so FT's 60-step minimum makes 60 steps
+    ran = next(c.value for c in app.caption if c.value.startswith("What will run"))
+    assert "Fine-tuning (FT): 60 steps, 8.57 epochs (raised from 4 to reach its 60-step minimum)" in ran
     app.multiselect(key="def_defenses").set_value(["ft", "sft", "fine_pruning"]).run()
     app.button(key="def_start").click().run()
     seen = _wait(app)
