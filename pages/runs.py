@@ -22,12 +22,15 @@ table = [{"created": dt.datetime.fromtimestamp(r["created"]).strftime("%m-%d %H:
           "what": figures.label_of(r["name"]) if r["kind"] == "defense" else r["name"], "dataset": r["dataset"],
           "CA": None if r["clean_acc"] is None else 100 * r["clean_acc"],
           "ASR": None if r["asr"] is None else 100 * r["asr"],
-          "seconds": r["seconds"], "status": r["status"], "run": r["id"]} for r in rows]
+          "seconds": r["seconds"], "status": r["status"], "run": r["id"],
+          "from": r["parent"] or ""} for r in rows]
 st.dataframe(table, hide_index=True, column_config={
     "CA": st.column_config.NumberColumn("CA", format="%.1f%%", help="clean accuracy (higher is better)"),
     "ASR": st.column_config.NumberColumn("ASR", format="%.1f%%", help="attack success rate (lower is better)"),
     "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
-    "run": st.column_config.TextColumn("run id", help="defense runs: see 'from' in the comparison below")})
+    "run": st.column_config.TextColumn("run id"),
+    "from": st.column_config.TextColumn("from", help="the run this one was made from: a defense's poisoned model, "
+                                                     "a victim's attacker")})
 st.caption("CA: clean accuracy (higher is better). ASR: attack success rate (lower is better after a defense). "
            "A defense run's 'from' is the poisoned run it cleaned.")
 

@@ -326,6 +326,7 @@ def test_runs_page_compare_export_delete(app):
     _page(app, "runs")
     assert len(app.dataframe[0].value) == 1
     rid = app.dataframe[0].value["run"][0]
+    assert app.dataframe[0].value["from"][0] == ""  # a poisoned run was made from nothing stored
     app.multiselect(key="runs_select").set_value([rid]).run()
     assert len(app.get("plotly_chart")) == 2
     dls = {d.key for d in app.get("download_button")}
