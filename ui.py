@@ -222,8 +222,12 @@ def _render_job(j, key: str) -> None:
             st.success(f"Sequela measured in {r['seconds']:.0f} s and kept with run `{r['run_id']}`.")
         elif r and j.kind == "pretrain":
             probes = ", ".join(f"{k} {figures.pct(v['acc'])}" for k, v in r["linear_probe"].items())
-            st.success(f"Encoder written to `{r['encoder']}` in {r['seconds']:.0f} s; linear-probe accuracy: "
-                       f"{probes or 'not measured'}. Pick it under the encoder settings of the encoder paradigm.")
+            if r.get("stopped"):
+                st.warning(f"Stopped early: the partly pretrained encoder is written to `{r['encoder']}` and listed "
+                           "as stopped early under the encoder paradigm's settings; pretrain again for a full one.")
+            else:
+                st.success(f"Encoder written to `{r['encoder']}` in {r['seconds']:.0f} s; linear-probe accuracy: "
+                           f"{probes or 'not measured'}. Pick it under the encoder settings of the encoder paradigm.")
         elif r and j.kind == "attack":
             c1, c2, c3 = st.columns(3)
             c1.metric("Clean accuracy (CA)", figures.pct(r.get("clean_acc")), help=figures.CAPTIONS["ca"])
@@ -236,7 +240,7 @@ def _render_job(j, key: str) -> None:
             st.page_link("pages/defense_lab.py", label="Open the Defense lab", icon=":material/shield:")
         if j.status == "stopped" and j.kind == "sweep":
             st.warning("Stopped: the finished cells are kept; resume the sweep to run only the missing ones.")
-        elif j.status == "stopped":
+        elif j.status == "stopped" and j.kind != "pretrain":
             st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
                        + (", ".join(j.run_ids) or "none"))
         elif j.status == "failed" and j.run_ids:

@@ -396,7 +396,8 @@ class JobManager:
                     self._set_stage(job, "probe")
 
             rec = pretrain_encoder(callbacks=cbs, stop=stop, log=probe_stage, **p)
-            return {"encoder": rec["weights"], "linear_probe": rec["linear_probe"], "seconds": rec["wall_s"]}
+            return {"encoder": rec["weights"], "linear_probe": rec["linear_probe"], "seconds": rec["wall_s"],
+                    "stopped": rec["stopped"]}
         if job.kind == "attack":
             cfg = AttackConfig.from_dict(p["config"])
             self._set_stage(job, "attack")

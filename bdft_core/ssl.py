@@ -652,7 +652,9 @@ def pretrain_encoder(dataset: str, out: str | Path, epochs: float = 10.0, batch_
     save_encoder(model, out, spec, extra={k: v for k, v in record.items() if k != "history"})
     record["weights"] = str(out)
     record["bytes"] = out.stat().st_size
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    from .runs import _atomic_write_bytes
+
+    _atomic_write_bytes(out.with_suffix(".json"), (json.dumps(record, indent=1, default=str) + "\n").encode())
     return record
 
 
@@ -671,5 +673,10 @@ def list_encoders() -> dict[str, str]:
         out[""] = "shipped CIFAR-10 SimCLR encoder (assets/)"
     d = encoders_dir()
     for p in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
-        out[str(p)] = p.stem
+        try:  # the record next to it says whether its pretraining was stopped before the end
+            rec = json.loads(p.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            rec = {}
+        out[str(p)] = p.stem + (" (stopped early: partly pretrained)" if isinstance(rec, dict) and rec.get("stopped")
+                                else "")
     return out

@@ -269,3 +269,21 @@ def test_shipped_encoder_loads_with_its_record():
     assert m.encoder_spec["name"] == "fastnet" and m.encoder_spec["image_size"] == [32, 32]
     assert m.encoder_record["dataset"] == "cifar10" and m.encoder_record["linear_probe"]["cifar10"]["acc"] > 0.5
     assert extract_features(m, torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, m.classifier.in_features)
+
+
+def test_a_stopped_pretraining_is_listed_as_stopped_early():
+    """A stop keeps the encoder reached so far, and the encoder picker says it is only partly trained."""
+    import threading
+
+    from bdft_core.ssl import encoders_dir, list_encoders, pretrain_encoder
+
+    stop = threading.Event()
+    stop.set()
+    out = encoders_dir() / "digits-stopped.safetensors"
+    rec = pretrain_encoder("digits", out, epochs=1, batch_size=32, widths=(8, 8, 16), n_train=64, probe_datasets=(),
+                           stop=stop)
+    assert rec["stopped"] and out.is_file()
+    assert list_encoders()[str(out)] == "digits-stopped (stopped early: partly pretrained)"
+    done = pretrain_encoder("digits", encoders_dir() / "digits-full.safetensors", epochs=0.1, batch_size=32,
+                            widths=(8, 8, 16), n_train=64, probe_datasets=())
+    assert not done["stopped"] and list_encoders()[done["weights"]] == "digits-full"
