@@ -322,7 +322,7 @@ class JobManager:
                 self._update(job, result=result, status=status, error=failure, ended=time.time())
             except BdftError as exc:
                 self._update(job, error=str(exc), status="failed", ended=time.time())
-            except Exception as exc:  # never let the worker die; keep the trace in the log only
+            except BaseException as exc:  # never let the worker die (SystemExit too); the trace goes to the log
                 log.error("job %s failed:\n%s", jid, traceback.format_exc())
                 self._update(job, error=f"unexpected error ({type(exc).__name__}): {exc}", status="failed",
                              ended=time.time())

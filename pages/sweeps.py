@@ -81,6 +81,12 @@ with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.sess
                 f"{figures.count(est['defenses_to_run'], 'defense')} to run, {est['parallel']} at a time. Estimated "
                 f"time: about **{figures.duration(est['seconds'])}** (from {est['basis']}; starting the workers "
                 "adds a few seconds).", icon=":material/grid_on:")
+        held = SweepRecords(store, spec.name).spec() if spec.name in sweeps else None
+        if held is not None and held != spec.to_dict():
+            st.warning(f"A sweep named **{spec.name}** already holds another grid ({sweeps[spec.name]['done']} "
+                       "finished cells). Starting this one shows this grid under that name: cells the two share are "
+                       "reused, the others stay stored as runs but leave its tables and plots. Choose another name "
+                       "to keep both.", icon=":material/warning:")
     except Exception as exc:
         ui.show_error(exc)
     b1, b2 = st.columns([1, 3])

@@ -522,3 +522,6 @@ def test_sweeps_page_defines_runs_and_plots_a_grid(app):
     app.run()
     assert any("No cell of this sweep is finished" in c.value for c in app.caption)
     assert app.button(key="sw_resume").label == "Resume: run the 4 missing cells"
+    # the same name for another grid: said before it replaces the stored grid's view
+    app.text_input(key="sw_rates").set_value("0.1").run()
+    assert any("already holds another grid" in w.value for w in app.warning)

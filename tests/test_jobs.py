@@ -216,3 +216,16 @@ def test_a_one_image_clean_budget_is_refused_with_a_reason(tmp_path):
     run, model = run_attack(AttackConfig(dataset="digits", epochs=1.0, n_train=40))
     with pytest.raises(ConfigError, match="gives the defender 1 image"):
         run_defense(run, "nad", clean_fraction=0.005, model=model)
+
+
+def test_a_job_raising_systemexit_fails_and_the_worker_goes_on(jm, monkeypatch):
+    import bdft_core.pipeline as pipeline
+
+    def bail(*a, **k):
+        raise SystemExit("library called exit()")
+
+    monkeypatch.setattr(pipeline, "run_attack", bail)
+    j = jm.wait(jm.submit("attack", config=DIGITS), timeout=60)
+    assert j.status == "failed" and "SystemExit" in j.error
+    monkeypatch.undo()
+    assert jm.wait(jm.submit("attack", config={**DIGITS, "epochs": 1.0}), timeout=120).status == "finished"
