@@ -188,6 +188,17 @@ def results() -> None:
     except ValueError as exc:
         st.warning(str(exc))
     st.dataframe(sf.table_rows(rows, axes), hide_index=True, key="sw_table")
+    try:  # poisoned models not fit to study make their cells' defense figures meaningless: say so
+        unfit = sf.unfit_trainings(rows, lambda rid: store.get(rid).model.get("num_classes"),
+                                   spec.base.get("poison_rate"))
+    except Exception:  # a damaged record: the table above still stands
+        unfit = {}
+    if unfit:
+        first = next(iter(unfit.values()))
+        st.warning(f"{figures.count(len(unfit), 'poisoned model')} of this sweep "
+                   f"{'is' if len(unfit) == 1 else 'are'} not fit to study, so the defenses' figures in "
+                   f"{'its cells' if len(unfit) == 1 else 'their cells'} say little. For example: {first}",
+                   icon=":material/warning:")
     d1, d2 = st.columns(2)
     d1.download_button("Download CSV", sf.rows_csv(rows, axes), file_name=f"{pick}.csv", mime="text/csv",
                        key="sw_csv")

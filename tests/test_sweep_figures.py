@@ -207,3 +207,18 @@ def test_default_views():
     # only the defense varies: lines across defenses, no grouping
     v3 = default_views(["defense"], [_row(0.1, 0.2, 0, 0.5, defense=d) for d in ("ft", "sft")])
     assert (v3["x"], v3["y"], v3["line_x"], v3["group"], v3["spread"]) == ("defense", None, "defense", None, None)
+
+
+def test_unfit_trainings_names_models_that_never_learned_or_took_no_backdoor():
+    from bdft_core.sweeps import figures as sf
+
+    rows = [{"status": "finished", "attack_run": "a", "poisoned_clean_acc": 0.106, "poisoned_asr": 0.4},
+            {"status": "finished", "attack_run": "a", "poisoned_clean_acc": 0.106, "poisoned_asr": 0.4},  # same training
+            {"status": "finished", "attack_run": "b", "poisoned_clean_acc": 0.9, "poisoned_asr": 0.98},
+            {"status": "finished", "attack_run": "c", "poisoned_clean_acc": 0.9, "poisoned_asr": 0.2, "poison_rate": 0.1},
+            {"status": "finished", "attack_run": "d", "poisoned_clean_acc": 0.9, "poisoned_asr": 0.02, "poison_rate": 0.0},
+            {"status": "missing", "attack_run": None, "poisoned_clean_acc": None, "poisoned_asr": None}]
+    asked = []
+    out = sf.unfit_trainings(rows, lambda rid: asked.append(rid) or 10)
+    assert set(out) == {"a", "c"} and "did not learn" in out["a"] and "did not take" in out["c"]
+    assert asked.count("a") == 1  # one look per training, not per cell

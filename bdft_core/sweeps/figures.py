@@ -458,6 +458,25 @@ TABLE_METRICS = [("poisoned_clean_acc", "CA before"), ("poisoned_asr", "ASR befo
                  ("seconds", "defense seconds")]
 
 
+def unfit_trainings(rows: Iterable[dict], num_classes, poison_rate: float | None = None) -> dict[str, str]:
+    """The poisoned trainings of finished cells that are not fit to study, by attack run id, with the
+    plain-words reason (:func:`bdft_core.figures.training_warning`): a model that never learned
+    (clean accuracy near chance) or a backdoor that did not take. ``num_classes(run_id)`` gives a
+    training's number of classes; ``poison_rate`` is the grid's where no cell varies it."""
+    from ..figures import training_warning
+
+    out: dict[str, str] = {}
+    for r in rows:
+        rid = r.get("attack_run")
+        if r.get("status") != "finished" or not rid or rid in out:
+            continue
+        why = training_warning(r.get("poisoned_clean_acc"), r.get("poisoned_asr"), num_classes(rid),
+                               r.get("poison_rate", poison_rate))
+        if why:
+            out[rid] = why
+    return out
+
+
 def table_rows(rows: Iterable[dict], axes: list[str]) -> list[dict]:
     """The results for display: axis values as text, metrics formatted, one dict per cell."""
     out = []
@@ -550,4 +569,4 @@ def default_views(axes: list[str], rows: Iterable[dict]) -> dict:
 
 __all__ = ["BOOKKEEPING", "METRICS", "METRIC_COLUMNS", "aggregate", "axis_label", "axis_values", "csv_columns",
            "default_views", "format_value", "heatmap_figure", "html_report", "line_points", "lines_figure",
-           "metric_label", "rows_csv", "table_rows"]
+           "metric_label", "rows_csv", "table_rows", "unfit_trainings"]
