@@ -479,9 +479,9 @@ def _nothing_done(kind: str, result) -> str | None:
     if not isinstance(result, dict):
         return None
     if kind == "defend" and not result.get("defended") and (result.get("failed") or result.get("skipped")):
-        why = [f"{f['defense']}: {f['error']}" for f in result.get("failed", [])]
-        why += [f"{sk['defense']}: skipped ({sk['reason']})" for sk in result.get("skipped", [])]
-        return "no defense finished. " + "; ".join(why)
+        nf, ns = len(result.get("failed", [])), len(result.get("skipped", []))
+        return (f"no defense finished ({nf} failed, {ns} skipped; the reasons are listed with the result: "
+                + ", ".join(f["defense"] for f in result.get("failed", []) + result.get("skipped", [])) + ")")
     if kind == "sweep" and not result.get("ran") and result.get("failed"):
         first = result["failed"][0]
         return (f"all {len(result['failed'])} cell(s) run failed; the first: {first.get('error')} "

@@ -292,7 +292,7 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     s = setting or setting_for(parent_run, cfg)
     model = copy.deepcopy(model).to(s.device)
     idx = s.defender_indices(clean_fraction).to(s.device)
-    if len(idx) < 2:  # one image cannot make a training batch (batch norm needs two)
+    if len(idx) < 2 and not d.uses_poisoned_data:  # one image cannot make a training batch (batch norm needs two)
         raise ConfigError(f"a clean-data budget of {100 * clean_fraction:g}% gives the defender {len(idx)} image(s) "
                           f"here; a defense needs at least 2: raise the clean fraction")
     x_clean, y_clean = s.data.x_train[idx], s.data.y_train[idx]  # original, clean images

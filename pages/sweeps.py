@@ -77,10 +77,11 @@ with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.sess
         spec = SweepSpec.from_dict(grid)
         est = estimate(spec, store, address=address or None)
         done = f", {est['done']} already done" if est["done"] else ""
+        when = (f"Estimated time: about **{figures.duration(est['seconds'])}** (from {est['basis']}; starting the "
+                "workers adds a few seconds)." if est["seconds"] > 0 else "Nothing is left to run.")
         st.info(f"**{est['cells']} cells**{done}: {figures.count(est['trainings_to_run'], 'poisoned training')} and "
-                f"{figures.count(est['defenses_to_run'], 'defense')} to run, {est['parallel']} at a time. Estimated "
-                f"time: about **{figures.duration(est['seconds'])}** (from {est['basis']}; starting the workers "
-                "adds a few seconds).", icon=":material/grid_on:")
+                f"{figures.count(est['defenses_to_run'], 'defense')} to run, {est['parallel']} at a time. {when}",
+                icon=":material/grid_on:")
         held = SweepRecords(store, spec.name).spec() if spec.name in sweeps else None
         if held is not None and held != spec.to_dict():
             st.warning(f"A sweep named **{spec.name}** already holds another grid ({sweeps[spec.name]['done']} "

@@ -170,7 +170,7 @@ def test_defend_job_where_every_defense_fails_is_failed_and_keeps_the_reasons(jm
     weights.write_bytes(b"not a checkpoint")  # every defense fails to load the poisoned model
     d = jm.wait(jm.submit("defend", parent=a.result["run_id"], defenses=["ft", "sft"], clean_fraction=0.3),
                 timeout=120)
-    assert d.status == "failed" and d.error.startswith("no defense finished") and "ft:" in d.error
+    assert d.status == "failed" and d.error.startswith("no defense finished (2 failed, 0 skipped")
     assert d.result["defended"] == {} and [f["defense"] for f in d.result["failed"]] == ["ft", "sft"]
 
 

@@ -273,6 +273,31 @@ def test_a_dead_pool_worker_fails_its_cell_instead_of_hanging_the_sweep(tmp_path
     assert [r["status"] for r in sweep_rows(store, sub)] == ["missing"]
 
 
+def test_a_stop_ends_the_pool_workers_at_once(tmp_path, monkeypatch):
+    """A stopped sweep kills its running workers (a task checks no stop flag): nothing keeps computing a
+    result that will be thrown away, and the process can exit."""
+    import multiprocessing as mp
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setenv("TMPDIR", str(work))
+    store = RunStore(tmp_path / "runs")
+    sub = SweepSpec.from_dict({"name": "stopped", "base": {"dataset": "digits", "attack": "badnets", "epochs": 300.0},
+                               "axes": {"defense": ["none"]}})
+    stop, out = threading.Event(), {}
+    t = threading.Thread(target=lambda: out.update(res=run_sweep(sub, store, executor="process", stop=stop)),
+                         daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    while not list(work.glob("bdft-cell-*")):
+        assert time.monotonic() - t0 < 120, "the task never started"
+        time.sleep(0.1)
+    stop.set()
+    t.join(timeout=30)
+    assert not t.is_alive() and out["res"].stopped and out["res"].ran == []
+    assert mp.active_children() == []  # the worker was killed, not left training for minutes
+
+
 def test_a_transfer_training_imports_its_attacker_before_its_victims(tmp_path):
     """Imported in the order the task lists them, a kill between two imports must not leave a victim
     whose attacker is missing (every resume then failed on it); a record whose chain is broken is run

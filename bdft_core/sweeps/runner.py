@@ -611,22 +611,25 @@ class _PoolBackend:
     def busy(self) -> bool:
         return self.n_pending > 0
 
-    def _kill_workers(self) -> None:
-        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
-            if proc.is_alive():
-                proc.kill()
+    def _workers(self) -> list:
+        return list((getattr(self.pool, "_processes", None) or {}).values())
 
     def cancel(self) -> None:
-        """End what is running now: the workers are killed, not asked (a task checks no stop flag)."""
+        """End what is running now: the workers are killed, not asked (a task checks no stop flag).
+        They are listed before the shutdown, which forgets them."""
         self.cancelled = True
+        workers = self._workers()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self._kill_workers()
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+        for proc in workers:
+            proc.join(timeout=5)
         self.n_pending = 0
 
     def close(self) -> None:
         if not self.cancelled:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        self._kill_workers()
 
 
 def _f3(v) -> str:
