@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -252,7 +253,7 @@ def test_a_dead_pool_worker_fails_its_cell_instead_of_hanging_the_sweep(tmp_path
 
     work = tmp_path / "tmp"
     work.mkdir()
-    monkeypatch.setenv("TMPDIR", str(work))  # the task's private run store appears here once it runs
+    monkeypatch.setattr(tempfile, "tempdir", str(work))  # the task's private run store appears here once it runs
     store = RunStore(tmp_path / "runs")
     sub = SweepSpec.from_dict({"name": "killed", "base": {"dataset": "digits", "attack": "badnets", "epochs": 300.0},
                                "axes": {"defense": ["none"]}})
@@ -260,7 +261,7 @@ def test_a_dead_pool_worker_fails_its_cell_instead_of_hanging_the_sweep(tmp_path
     t = threading.Thread(target=lambda: out.update(res=run_sweep(sub, store, executor="process")), daemon=True)
     t.start()
     t0 = time.monotonic()
-    while not list(work.glob("bdft-cell-*")):
+    while not list(work.rglob("bdft-cell-*")):
         assert time.monotonic() - t0 < 120, "the task never started"
         time.sleep(0.1)
     time.sleep(1)  # the worker is in its task now
@@ -280,7 +281,7 @@ def test_a_stop_ends_the_pool_workers_at_once(tmp_path, monkeypatch):
 
     work = tmp_path / "tmp"
     work.mkdir()
-    monkeypatch.setenv("TMPDIR", str(work))
+    monkeypatch.setattr(tempfile, "tempdir", str(work))  # the sweep's temporary folders go here
     store = RunStore(tmp_path / "runs")
     sub = SweepSpec.from_dict({"name": "stopped", "base": {"dataset": "digits", "attack": "badnets", "epochs": 300.0},
                                "axes": {"defense": ["none"]}})
@@ -289,13 +290,14 @@ def test_a_stop_ends_the_pool_workers_at_once(tmp_path, monkeypatch):
                          daemon=True)
     t.start()
     t0 = time.monotonic()
-    while not list(work.glob("bdft-cell-*")):
+    while not list(work.rglob("bdft-cell-*")):
         assert time.monotonic() - t0 < 120, "the task never started"
         time.sleep(0.1)
     stop.set()
     t.join(timeout=30)
     assert not t.is_alive() and out["res"].stopped and out["res"].ran == []
     assert mp.active_children() == []  # the worker was killed, not left training for minutes
+    assert list(work.iterdir()) == []  # and its cell's temporary run store did not stay behind
 
 
 def test_a_transfer_training_imports_its_attacker_before_its_victims(tmp_path):

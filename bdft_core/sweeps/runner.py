@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import tempfile
@@ -510,7 +511,9 @@ class _RayBackend:
             self.ray.shutdown()
 
 
-def _pool_init(gpu_ids) -> None:  # pragma: no cover - runs in the pool's processes
+def _pool_init(gpu_ids, tmp_root: str | None = None) -> None:  # pragma: no cover - runs in the pool's processes
+    if tmp_root:  # the cells' private run stores go under the sweep's own folder, removed with the pool
+        tempfile.tempdir = tmp_root
     if gpu_ids is not None:
         try:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get_nowait())
@@ -544,7 +547,9 @@ class _PoolBackend:
         else:
             n = max(1, _local_cpus() // spec.threads_per_cell)
         self.threads = spec.threads_per_cell
-        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_pool_init, initargs=(gpu_q,))
+        # a killed worker leaves its cell's temporary run store behind: they all live here, removed at the end
+        self.tmp = tempfile.mkdtemp(prefix="bdft-sweep-")
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_pool_init, initargs=(gpu_q, self.tmp))
         self.where = f"local process pool ({n} processes)"
         self.resources = {"CPU": _local_cpus(), "GPU": gpus, "nodes": 1}
         self.events: _q.Queue = _q.Queue()
@@ -630,6 +635,7 @@ class _PoolBackend:
     def close(self) -> None:
         if not self.cancelled:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _f3(v) -> str:
