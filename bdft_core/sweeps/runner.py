@@ -469,23 +469,16 @@ class _RayBackend:
         return ref
 
     def wait(self, timeout: float) -> list[tuple]:
-        if not self.pending:
-            return []
-        done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
-        out = []
-        for ref in done:
-            tag = self.pending.pop(ref)
-            try:
-                out.append((tag, self.ray.get(ref), None))
-            except Exception as exc:
-                out.append((tag, None, _reason(exc)))
-        return out
+        return self._collect(1, timeout)
 
     def drain(self) -> list[tuple]:
         """Results that are already there, without waiting for the others."""
+        return self._collect(len(self.pending), 0)
+
+    def _collect(self, n: int, timeout: float) -> list[tuple]:
         if not self.pending:
             return []
-        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        done, _ = self.ray.wait(list(self.pending), num_returns=n, timeout=timeout)
         out = []
         for ref in done:
             tag = self.pending.pop(ref)
