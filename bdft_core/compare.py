@@ -8,7 +8,6 @@ cost). A defense that cannot apply to the run (a data cleanser on a transfer vic
 skipped with the reason; one that fails is listed with its error, and the others still run."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -145,13 +144,14 @@ def verdict(result: dict, tolerance: float = 0.02, ca_tolerance: float = 0.03) -
         return ("The paper claims SFT removes a backdoor as well as the stronger defenses do, at a lower cost: run "
                 "SFT and at least one of them (any defense but FT) to the end to check that claim here.")
 
+    from .figures import _known
+
     def took(r):
-        s = r.get("seconds")
-        return f"in {s:.0f}s" if isinstance(s, (int, float)) and math.isfinite(s) else "(time not recorded)"
+        return f"in {r['seconds']:.0f}s" if _known(r.get("seconds")) else "(time not recorded)"
 
     match = sft["asr"] <= best["asr"] + tolerance
     ss, bs = sft.get("seconds"), best.get("seconds")
-    cheaper = None if ss is None or bs is None else ss < bs
+    cheaper = ss < bs if _known(ss) and _known(bs) else None
     head = (f"SFT: ASR {100 * sft['asr']:.1f}% {took(sft)}; best baseline {best.get('title') or best['defense']}: "
             f"ASR {100 * best['asr']:.1f}% {took(best)}. ")
     sc, bc = sft.get("clean_acc"), best.get("clean_acc")
