@@ -209,12 +209,21 @@ def _check_labels(y: np.ndarray, what: str, where) -> np.ndarray:
 
 def _check_label_range(y_train: np.ndarray, y_test: np.ndarray, classes: list[str] | None, where) -> list[str]:
     """The class list: ``classes`` when given (labels must index it), else ``"0".."K-1"`` for the
-    largest label K-1, refused above :data:`MAX_CLASSES` before any list is built."""
+    largest label K-1, refused above :data:`MAX_CLASSES` before any list is built, and refused when a
+    label below K-1 never occurs (a stray label, not a class count)."""
     lo, hi = int(min(y_train.min(), y_test.min())), int(max(y_train.max(), y_test.max()))
     if classes is None:
         if hi >= MAX_CLASSES:
             raise ConfigError(f"{where}: the largest label is {hi}, and without a 'classes' array that would "
                               f"mean {hi + 1} classes (at most {MAX_CLASSES} allowed): labels must be 0..K-1")
+        if lo >= 0:
+            unused = np.setdiff1d(np.arange(hi + 1), np.union1d(y_train, y_test))
+            if len(unused):  # a stray 255 among 0..9 would otherwise make 256 classes, 246 of them empty
+                shown = ", ".join(str(int(u)) for u in unused[:5]) + (", ..." if len(unused) > 5 else "")
+                raise ConfigError(f"{where}: without a 'classes' array the labels must be 0..K-1 with every class "
+                                  f"present, but the largest label is {hi} and {len(unused)} of 0..{hi} never "
+                                  f"occur ({shown}): fix the stray labels, or add a 'classes' array naming all "
+                                  f"{hi + 1} classes")
         classes = [str(i) for i in range(hi + 1)]
     if lo < 0 or hi >= len(classes):
         raise ConfigError(f"{where}: labels must lie in 0..{len(classes) - 1}, found {lo}..{hi}")
@@ -225,7 +234,8 @@ def load_npz(path: str | Path, name: str | None = None) -> ImageData:
     """Read an ``.npz`` in the shared schema; never unpickles (object arrays are refused).
 
     Labels must be integers (or bools) in ``0..len(classes)-1``; without a ``classes`` array the
-    classes are ``"0".."K-1"`` for the largest label ``K-1``, at most :data:`MAX_CLASSES` of them."""
+    classes are ``"0".."K-1"`` for the largest label ``K-1``, at most :data:`MAX_CLASSES` of them, each
+    occurring in ``y_train`` or ``y_test``."""
     path = Path(path)
     if not path.is_file():
         raise DatasetNotFound(f"no such .npz file: {path}")

@@ -181,6 +181,19 @@ def test_npz_labels_without_classes_are_bounded(tmp_path):
     assert d.classes == ["0", "1", "2", "3"] and d.y_train.dtype == torch.int64
 
 
+def test_npz_stray_label_without_classes_is_refused(tmp_path):
+    y = np.arange(6) % 2
+    y[4] = 255  # a stray byte among 0..1: not a 256-class dataset
+    with pytest.raises(ConfigError, match=r"largest label is 255 and 253 of 0\.\.255 never occur \(2, 3, 4, 5, 6, \.\.\.\)"):
+        load_dataset(_npz(tmp_path / "stray.npz", y_train=y))
+    # the same labels with a classes array naming all 256 are the user's stated intent
+    d = load_dataset(_npz(tmp_path / "named.npz", y_train=y, classes=np.array([f"c{i}" for i in range(256)])))
+    assert d.num_classes == 256
+    # a class seen only in the test split still counts as present
+    d = load_dataset(_npz(tmp_path / "test_only.npz", y_test=np.array([0, 1, 2, 1])))
+    assert d.classes == ["0", "1", "2"]
+
+
 def test_npz_labels_must_be_integers(tmp_path):
     with pytest.raises(ConfigError, match="y_train must hold integer class labels, got float32"):
         load_dataset(_npz(tmp_path / "f.npz", y_train=(np.arange(6) % 2 + 0.7).astype(np.float32)))
