@@ -46,10 +46,21 @@ def color_of(name: str | None) -> str:
     from .attacks import ATTACKS
     from .defenses import DEFENSES
 
-    names = sorted(n for n in DEFENSES if n not in COLORS)
+    names = [n for n in DEFENSES if n not in COLORS]  # registry order: a new defense goes last, the rest keep theirs
     if key in names:
-        return _PALETTE[names.index(key) % len(_PALETTE)]
+        i = names.index(key)
+        return _PALETTE[i] if i < len(_PALETTE) else _extra_color(i - len(_PALETTE))
     return ATTACK_COLOR if key in ATTACKS else OTHER_COLOR
+
+
+def _extra_color(i: int) -> str:
+    """Colours past the palette, distinct from each other: hues a golden angle apart, kept out of
+    red (the poisoned model's), as hex (the sweep figures' bands take hex)."""
+    import colorsys
+
+    hue = (0.08 + (i * 0.618034) % 0.84)  # 0.08..0.92: no pure red at either end
+    r, g, b = colorsys.hls_to_rgb(hue, 0.42 + 0.12 * (i % 2), 0.55)
+    return "#{:02x}{:02x}{:02x}".format(*(round(255 * v) for v in (r, g, b)))
 
 
 def label_of(name: str | None) -> str:
@@ -479,8 +490,9 @@ def explain_sentence(result: dict) -> str:
              if key == "share_triggered" else f"The poisoned model's map changes by {fmt(p[key])} when the trigger is added"]
     area = result.get("region_area") if key == "share_triggered" else None
     if _known(area) and area > 0 and p[key] < 1.5 * area:  # no more than an even spread would put there
+        near = "about" if p[key] >= 0.67 * area else "less than"
         return (f"On triggered images the poisoned model puts {fmt(p[key])} of its attention on the trigger patch, "
-                f"about what an even spread over the image gives ({fmt(area)}: the patch's share of the pixels). "
+                f"{near} what an even spread over the image gives ({fmt(area)}: the patch's share of the pixels). "
                 "These maps do not single out the trigger, so they cannot show a defense moving attention away "
                 "from it: try another method or layer.")
     others = [r for m, r in rows.items() if m != "poisoned" and r.get(key) is not None]

@@ -128,6 +128,18 @@ def test_figure_helpers():
     colours = [figures.color_of(n) for n in DEFENSES]  # every defense its own colour, none the poisoned model's
     reds = {figures.ATTACK_COLOR, figures.color_of("victim_head"), figures.color_of("victim_full")}
     assert len(set(colours)) == len(colours) and not set(colours) & reds
+    # ten more defenses registered later: the existing ones keep their colours, every one still its own
+    import bdft_core.defenses as dmod
+
+    more = {**DEFENSES, **{f"later_{i}": DEFENSES["ft"] for i in range(10)}}
+    orig = dmod.DEFENSES
+    dmod.DEFENSES = more
+    try:
+        grown = [figures.color_of(n) for n in more]
+    finally:
+        dmod.DEFENSES = orig
+    assert grown[:len(colours)] == colours and len(set(grown)) == len(grown) and not set(grown) & reds
+    assert all(len(c) == 7 and c.startswith("#") for c in grown)  # hex: the sweep figures' bands parse it
     assert figures.color_of("badnets") == figures.ATTACK_COLOR  # an attack's name is the poisoned model
     rows = figures.summary_rows({"clean_acc": 0.8, "asr": 0.9, "seconds": 3}, {"sft": {"clean_acc": 0.78, "asr": 0.05,
                                                                                        "seconds": 1.5}})
@@ -177,7 +189,9 @@ def test_explain_sentence_without_attention_on_the_trigger():
     res = {"region_area": 9 / 64, "rows": [{"model": "poisoned", "share_triggered": 0.155},
                                            {"model": "sft", "share_triggered": 0.072}]}
     text = figures.explain_sentence(res)
-    assert "even spread" in text and "left the trigger" not in text
+    assert "about what an even spread" in text and "left the trigger" not in text
+    res["rows"][0]["share_triggered"] = 0.07  # half of an even spread: "less than", not "about"
+    assert "less than what an even spread over the image gives (14.1%" in figures.explain_sentence(res)
     res["rows"][0]["share_triggered"] = 0.6
     assert "left the trigger" in figures.explain_sentence(res)
 
