@@ -317,8 +317,9 @@ class JobManager:
                 job.status, job.started = "running", time.time()
             try:
                 result = self._execute(job)
-                failure = None if job.stop_event.is_set() else _nothing_done(job.kind, result)
-                status = "stopped" if job.stop_event.is_set() else "failed" if failure else "finished"
+                stopped = job.stop_event.is_set() and _ended_early(job, result)
+                failure = None if stopped else _nothing_done(job.kind, result)
+                status = "stopped" if stopped else "failed" if failure else "finished"
                 self._update(job, result=result, status=status, error=failure, ended=time.time())
             except BdftError as exc:
                 self._update(job, error=str(exc), status="failed", ended=time.time())
@@ -471,6 +472,24 @@ class _Recording:
 
 def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, BdftError) else f"unexpected error ({type(exc).__name__}): {exc}"
+
+
+def _ended_early(job: Job, result) -> bool:
+    """Whether a job whose Stop was pressed did stop: a Stop that came after its last step (the
+    click landing while the final evaluation ran) cut nothing short, and the job, like its runs,
+    is finished."""
+    if not isinstance(result, dict):
+        return True
+    if "stopped" in result:  # demo, sequela, pretrain, sweep
+        return bool(result["stopped"])
+    if job.kind == "attack":
+        return result.get("status") == "stopped"
+    if job.kind == "defend":
+        done = result.get("defended", {})
+        accounted = set(done) | {x["defense"] for x in result.get("failed", []) + result.get("skipped", [])}
+        return (any(d.get("status") == "stopped" for d in done.values())
+                or any(name not in accounted for name in job.params.get("defenses", [])))
+    return True
 
 
 def _nothing_done(kind: str, result) -> str | None:

@@ -370,7 +370,7 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
            "device": run.device, "run_id": run.id,
            "poisoned": {"clean_acc": run.final["clean_acc"], "asr": run.final["asr"],
                         "seconds": run.timings["total_s"]},
-           "defended": {}, "clean_fraction": clean_fraction, "stopped": run.status == "stopped"}
+           "defended": {}, "clean_fraction": clean_fraction}
     for name in defenses:
         if stop is not None and stop.is_set():
             break
@@ -379,9 +379,19 @@ def run_demo(cfg: AttackConfig | None = None, defenses=("ft", "sft"), clean_frac
         drun, _ = run_defense(run, name, clean_fraction=clean_fraction, store=store, callbacks=callbacks, stop=stop,
                               model=model, setting=s, train_over=train_over)
         out["defended"][name] = {"clean_acc": drun.final["clean_acc"], "asr": drun.final["asr"],
-                                 "seconds": drun.timings["total_s"], "run_id": drun.id}
+                                 "seconds": drun.timings["total_s"], "run_id": drun.id,
+                                 "stopped": drun.status == "stopped"}
+    out["stopped"] = story_stopped([run.status == "stopped"], out["defended"], defenses)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def story_stopped(trainings, defended: dict, defenses) -> bool:
+    """Whether a demo ended early: a training (``trainings``: a stopped flag each) or a defense
+    stopped, or a defense asked for never ran. A Stop pressed after the last stage finished stops
+    nothing, so the demo is whole and says so (as its runs do)."""
+    return (any(trainings) or any(d.get("stopped") for d in defended.values())
+            or any(name not in defended for name in defenses))
 
 
 def training_images(run: Run, idx) -> dict:

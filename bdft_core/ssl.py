@@ -527,6 +527,7 @@ def badencoder(clean_model, shadow_x_uint8: torch.Tensor, ref_x_uint8: torch.Ten
         epoch_row("stop")
     model.eval()
     model.badencoder_history = history  # what the caller may want to plot; not saved with the weights
+    model.badencoder_stopped = step < total  # a Stop ended it early (a Stop after the last step ends nothing)
     return model
 
 
@@ -648,7 +649,8 @@ def pretrain_encoder(dataset: str, out: str | Path, epochs: float = 10.0, batch_
               "device": describe_device(dev), "host": platform.machine(), "threads": torch.get_num_threads(),
               "bdft_threads_env": os.environ.get("BDFT_THREADS"), "versions": versions(),
               "linear_probe": probes, "history": hist, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "stopped": bool(stop is not None and stop.is_set())}
+              "stopped": bool(stop is not None and stop.is_set())
+              and (not hist or hist[-1]["epoch"] < epochs or len(probes) < len(probe_datasets))}
     save_encoder(model, out, spec, extra={k: v for k, v in record.items() if k != "history"})
     record["weights"] = str(out)
     record["bytes"] = out.stat().st_size

@@ -229,3 +229,31 @@ def test_a_job_raising_systemexit_fails_and_the_worker_goes_on(jm, monkeypatch):
     assert j.status == "failed" and "SystemExit" in j.error
     monkeypatch.undo()
     assert jm.wait(jm.submit("attack", config={**DIGITS, "epochs": 1.0}), timeout=120).status == "finished"
+
+
+@pytest.mark.parametrize("kind", ["demo", "defend"])
+def test_a_stop_landing_after_the_work_finished_leaves_the_job_finished(jm, monkeypatch, kind):
+    """The Stop click can land while the last stage closes (its final evaluation): nothing is cut
+    short, every run is "finished", so the job is too, not "stopped"."""
+    import bdft_core.pipeline as pl
+
+    parent = None
+    if kind == "defend":
+        parent = jm.wait(jm.submit("attack", config={**DIGITS, "epochs": 1.0}), timeout=120).result["run_id"]
+    real = pl.run_demo if kind == "demo" else pl.run_defense
+    job = {}
+
+    def late_stop(*a, **kw):
+        out = real(*a, **kw)
+        jm.stop(job["id"])  # pressed just as the work returned
+        return out
+    monkeypatch.setattr(pl, real.__name__, late_stop)
+    if kind == "demo":
+        job["id"] = jm.submit("demo", config={**DIGITS, "epochs": 1.0}, defenses=["ft"], clean_fraction=0.3)
+    else:
+        job["id"] = jm.submit("defend", parent=parent, defenses=["ft"], clean_fraction=0.3,
+                              params={"ft": {"epochs": 1.0, "min_steps": 10}})
+    j = jm.wait(job["id"], timeout=180)
+    assert j.stop_event.is_set()
+    assert j.status == "finished", (j.status, j.error)
+    assert all(jm.store.get(r).status == "finished" for r in j.run_ids) and j.run_ids

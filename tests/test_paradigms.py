@@ -341,3 +341,31 @@ def test_suggested_target_is_a_recognised_class_only_for_a_measured_transfer():
     for args in (("transfer", "cifar10", "cifar10"), ("transfer", "cifar10", None), ("encoder", "cifar10", "gtsrb"),
                  ("standalone", "cifar10", None), ("transfer", "gtsrb", "cifar10")):
         assert suggested_target(*args) == (0, "")
+
+
+@pytest.mark.parametrize("paradigm", ["standalone", "transfer"])
+def test_a_demo_says_stopped_exactly_when_a_stage_was_cut_short(tmp_path, paradigm):
+    """``stopped`` follows the runs: a Stop during FT (SFT then never runs) is a stopped demo, a
+    Stop that lands after the last defense's last step (during its final evaluation) stops nothing."""
+    import threading
+
+    extra = {"paradigm_params": QUICK} if paradigm == "transfer" else {}
+    cfg = dict(dataset="digits", paradigm=paradigm, epochs=1.0, model_kwargs={"widths": [8, 8, 16]}, **extra)
+
+    def demo(when, defenses=("ft", "sft")):
+        stop, stage = threading.Event(), ["?"]
+
+        def cb(p):
+            if when(stage[0], p):
+                stop.set()
+        store = RunStore(tmp_path / f"runs{len(list(tmp_path.iterdir()))}")
+        out = run_demo(AttackConfig(**cfg), defenses, clean_fraction=0.3, store=store, stop=stop,
+                       on_stage=lambda s: stage.__setitem__(0, s), callbacks=[("on_batch", cb), ("on_epoch_end", cb)])
+        return out, {r["id"]: r["status"] for r in store.list()}
+
+    out, status = demo(lambda stage, p: stage == "ft" and p.step >= 1)
+    assert out["stopped"] and out["defended"]["ft"]["stopped"] and "sft" not in out["defended"]
+    assert status[out["defended"]["ft"]["run_id"]] == "stopped"
+    out, status = demo(lambda stage, p: stage == "ft" and p.step == p.total_steps, defenses=("ft",))
+    assert not out["stopped"] and not out["defended"]["ft"]["stopped"]
+    assert set(status.values()) == {"finished"}

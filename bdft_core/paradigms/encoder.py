@@ -108,7 +108,7 @@ def encoder_models(cfg, store=None, callbacks=(), stop=None, on_stage=None):
     victim = _probe(bad, es, int(p["probe_epochs"]), cfg.seed)
     hist = [{"step": h["step"], "epoch": h["epoch"], "loss": h["loss"], "cos_trigger_ref": h["cos_trigger_ref"],
              "cos_clean": h["cos_clean"]} for h in getattr(bad, "badencoder_history", [])]
-    stopped = bool(stop is not None and stop.is_set())
+    stopped = bool(getattr(bad, "badencoder_stopped", False))
     run = Run(id=new_run_id("attack"), kind="attack", created=time.time(), dataset=s.data.name, model=spec,
               attack={**s.attack.config(), "title": "BadEncoder: " + s.attack.title,
                       "paper": "Jia et al. 2022, BadEncoder, IEEE S&P", "n_refs": len(es.refs_idx),
@@ -135,7 +135,7 @@ def run_encoder(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.05, store
                 on_stage=None, train_over=None) -> dict:
     """:func:`encoder_models`, then each defense on the poisoned model. Returns a dict shaped like
     ``run_demo``'s, plus ``clean_encoder`` (the victim's figures on the clean encoder)."""
-    from ..pipeline import run_defense
+    from ..pipeline import run_defense, story_stopped
 
     t0 = time.perf_counter()
     es, out, run, bad = encoder_models(cfg, store, callbacks, stop, on_stage)
@@ -149,8 +149,9 @@ def run_encoder(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.05, store
         d_run, _ = run_defense(run, name, clean_fraction=clean_fraction, store=store, callbacks=callbacks, stop=stop,
                                model=bad, setting=s, train_over=train_over)
         out["defended"][name] = {"clean_acc": d_run.final["clean_acc"], "asr": d_run.final["asr"],
-                                 "seconds": d_run.timings["total_s"], "run_id": d_run.id}
-    out["stopped"] = bool(stop is not None and stop.is_set())
+                                 "seconds": d_run.timings["total_s"], "run_id": d_run.id,
+                                 "stopped": d_run.status == "stopped"}
+    out["stopped"] = story_stopped([run.status == "stopped"], out["defended"], defenses)
     out["seconds"] = time.perf_counter() - t0
     return out
 

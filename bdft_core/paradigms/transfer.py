@@ -83,7 +83,7 @@ def downstream_setting(cfg) -> Downstream:
 
 def _figures(run: Run) -> dict:
     out = {"clean_acc": run.final.get("clean_acc"), "asr": run.final.get("asr"),
-           "seconds": run.timings.get("total_s"), "run_id": run.id}
+           "seconds": run.timings.get("total_s"), "run_id": run.id, "stopped": run.status == "stopped"}
     if run.final.get("target_recall") is not None:
         out["target_recall"] = run.final["target_recall"]
     return out
@@ -363,7 +363,7 @@ def run_transfer(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.2, store
     """Attacker, victim (head only and whole model), then each defense on the victim model named by
     ``paradigm_params["victim"]``. Every model is stored as a run; returns the figures as a dict
     shaped like :func:`bdft_core.pipeline.run_demo`'s (``poisoned`` = the victim model defended)."""
-    from ..pipeline import run_defense
+    from ..pipeline import run_defense, story_stopped
 
     t0 = time.perf_counter()
     stage = on_stage or (lambda name: None)
@@ -380,7 +380,9 @@ def run_transfer(cfg, defenses=("ft", "sft"), clean_fraction: float = 0.2, store
             d_run, _ = run_defense(chosen[0], name, clean_fraction=clean_fraction, store=store, callbacks=callbacks,
                                    stop=stop, model=chosen[1], setting=ds.setting, train_over=train_over)
             out["defended"][name] = _figures(d_run)
-    out["stopped"] = bool(stop is not None and stop.is_set())
+    trainings = [out["attacker"]["stopped"], any(h not in victims for h in victim_stages(ds.params))]
+    trainings += [v[0].status == "stopped" for v in victims.values()]
+    out["stopped"] = story_stopped(trainings, out["defended"], defenses)
     out["seconds"] = time.perf_counter() - t0
     return out
 
