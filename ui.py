@@ -78,6 +78,20 @@ def default_dataset() -> str:
     return "cifar10" if "cifar10" in avail else "digits"
 
 
+def run_choice(ids: list[str], key: str) -> int:
+    """Where a page's run picker starts: on a first visit, the run the user last worked with (picked
+    on another page, trained or demonstrated) rather than the newest one, which after a sweep is one
+    of its cells; afterwards the page keeps its own choice (its widget state)."""
+    focus = st.session_state.get("bdft_focus")
+    return ids.index(focus) if key not in st.session_state and focus in ids else 0
+
+
+def set_focus(run_id: str | None) -> None:
+    """The run the user is working with, offered first by the other pages' run pickers."""
+    if run_id:
+        st.session_state["bdft_focus"] = run_id
+
+
 def show_error(exc: Exception) -> None:
     """A readable message, never a traceback."""
     if isinstance(exc, BdftError):
@@ -169,6 +183,12 @@ def _live_panel(job_id: str, key: str) -> None:
 def _render_job(j, key: str) -> None:
     from bdft_core.jobs import stage_title
 
+    if j.kind in ("attack", "demo") and j.result and j.result.get("run_id"):
+        focused = st.session_state.setdefault("bdft_focused_jobs", set())
+        if j.id not in focused:  # once per job: a later pick on another page is the user's to keep
+            focused.add(j.id)
+            set_focus(j.result["run_id"])
+
     with st.container(border=True):
         head, btn = st.columns([5, 1])
         head.markdown(f"**{j.title}** — {j.status}")
@@ -211,7 +231,7 @@ def _render_job(j, key: str) -> None:
                            "on the Runs page.")
             st.page_link("pages/runs.py", label="Open the stored runs", icon=":material/table_chart:")
         elif r and j.kind == "sweep":
-            say = st.warning if r.get("failed") else st.success
+            say = st.warning if r.get("failed") or j.status == "stopped" else st.success
             say(f"Sweep {r['name']}: {len(r['ran'])} cell(s) run on {r['where'] or 'nothing (all were done)'}, "
                 f"{len(r['reused'])} already finished"
                 + (f", {len(r['failed'])} failed" if r.get("failed") else "")
@@ -219,7 +239,11 @@ def _render_job(j, key: str) -> None:
             for f in r.get("failed", []):
                 st.error(f"cell {f['values']} failed: {f['error']} (left missing: resume to retry it)")
         elif r and j.kind == "sequela":
-            st.success(f"Sequela measured in {r['seconds']:.0f} s and kept with run `{r['run_id']}`.")
+            if r.get("stopped"):  # a stopped measurement is not kept (sequela_runs saves only whole ones)
+                st.warning(f"Stopped after {r['seconds']:.0f} s: nothing was kept; press Measure again for a "
+                           "whole measurement.")
+            else:
+                st.success(f"Sequela measured in {r['seconds']:.0f} s and kept with run `{r['run_id']}`.")
         elif r and j.kind == "pretrain":
             probes = ", ".join(f"{k} {figures.pct(v['acc'])}" for k, v in r["linear_probe"].items())
             if r.get("stopped"):
@@ -240,7 +264,9 @@ def _render_job(j, key: str) -> None:
             st.page_link("pages/defense_lab.py", label="Open the Defense lab", icon=":material/shield:")
         if j.status == "stopped" and j.kind == "sweep":
             st.warning("Stopped: the finished cells are kept; resume the sweep to run only the missing ones.")
-        elif j.status == "stopped" and j.kind != "pretrain":
+        elif j.status == "stopped" and j.kind == "sequela" and not r:
+            st.warning("Stopped before it began: nothing was measured, so nothing was kept.")
+        elif j.status == "stopped" and j.kind not in ("pretrain", "sequela"):
             st.warning(f"Stopped during {stage_title(j.stage)}; what was reached is stored as run(s): "
                        + (", ".join(j.run_ids) or "none"))
         elif j.status == "failed" and j.run_ids:

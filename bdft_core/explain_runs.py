@@ -28,24 +28,32 @@ def pick_images(y_test: torch.Tensor, attack, n: int, seed: int = 0) -> torch.Te
 
 
 def models_of(store: RunStore, run_id: str, defended=None) -> tuple:
-    """The poisoned run, and ``{label: model}`` for it and its defended children (newest per
-    defense; ``defended``: a list of defense names or child run ids to keep, None for all)."""
+    """The poisoned run, and ``{label: model}`` for it and its defended children (the newest
+    finished run per defense: a stopped, half-done defense is not "after the defense"; ``defended``:
+    a list of defense names or child run ids to keep, None for all; a child id picks that run
+    whatever its status)."""
     run, model = store.load_model(run_id)
     if run.kind not in ("attack", "victim"):
         raise ConfigError(f"run {run_id} is a {run.kind} run: explain a poisoned run (its defenses come along)")
-    models = {"poisoned": model}
-    seen = set()
-    for c in store.defenses(run_id):
-        name = c["name"]
-        if name in seen or (defended is not None and name not in defended and c["id"] not in defended):
-            continue
-        seen.add(name)
-        models[name] = store.load_model(c["id"])[1]
-    if defended is not None:
-        missing = [d for d in defended if d not in seen and not any(d == c["id"] for c in store.defenses(run_id))]
+    newest = store.newest_defenses(run_id, stopped=False)
+    if defended is None:
+        chosen = dict(newest)
+    else:
+        kids = {c["id"]: c["name"] for c in store.defenses(run_id)}
+        chosen, missing = {}, []
+        for d in defended:
+            if d in kids:
+                chosen.setdefault(kids[d], d)
+            elif d in newest:
+                chosen.setdefault(d, newest[d])
+            else:
+                missing.append(d)
         if missing:
-            raise ConfigError(f"run {run_id} has no defended child {', '.join(missing)}; apply it in the Defense lab "
-                              "or with `python -m bdft_core defend`")
+            raise ConfigError(f"run {run_id} has no finished defended child {', '.join(missing)}; apply it in the "
+                              "Defense lab or with `python -m bdft_core defend`")
+    models = {"poisoned": model}
+    for name, rid in chosen.items():
+        models[name] = store.load_model(rid)[1]
     return run, models
 
 

@@ -414,13 +414,18 @@ class RunStore:
         """The defended versions of a run (not the victims a transfer attacker also parents)."""
         return self.list(kind="defense", parent=run_id)
 
-    def newest_defenses(self, run_id: str) -> dict[str, str]:
-        """Defense name -> the id of its newest run on ``run_id``: the result per defense that pages
-        compare and that a sequela result measures (stale when this mapping changes)."""
-        newest = {}
+    def newest_defenses(self, run_id: str, stopped: bool = True) -> dict[str, str]:
+        """Defense name -> the id of its newest *finished* run on ``run_id``: the result per defense
+        that pages compare and that a sequela result measures (stale when this mapping changes). A
+        stopped run is half a defense: it stands in only where its defense has no finished run, and
+        with ``stopped=False`` never (what Explain and Sequela measure as "after the defense")."""
+        finished, partial = {}, {}
         for c in self.defenses(run_id):  # newest first
-            newest.setdefault(c["name"], c["id"])
-        return newest
+            (finished if c.get("status") != "stopped" else partial).setdefault(c["name"], c["id"])
+        if stopped:
+            for name, rid in partial.items():
+                finished.setdefault(name, rid)
+        return finished
 
     # -- removing ------------------------------------------------------------------------------
     def delete(self, run_id: str) -> list[str]:

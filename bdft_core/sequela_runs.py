@@ -25,7 +25,7 @@ def sequela_run(store: RunStore, run_id: str, axes=None, params: dict | None = N
     if run.kind == "defense":
         run = store.get(run.parent)
     run, models = models_of(store, run.id)
-    newest = store.newest_defenses(run.id)
+    newest = store.newest_defenses(run.id, stopped=False)  # the same models as models_of
     # members are left out of every measured defense's clean data: the largest of their splits (the
     # splits are nested), so no defended model is scored on images it was just fine-tuned on
     fractions = [store.get(rid).config.get("clean_fraction") for rid in newest.values()]
@@ -45,11 +45,15 @@ def sequela_run(store: RunStore, run_id: str, axes=None, params: dict | None = N
 
 def stored_sequela(store: RunStore, run_id: str) -> dict | None:
     """The sequela result kept with ``run_id``, or None; stale (a defense added, re-run or deleted
-    since) is flagged as ``res["stale"] = True``."""
+    since) is flagged as ``res["stale"] = True``, with ``res["deleted"]``: the measured defenses
+    whose run is gone (their columns show models that no longer exist)."""
     res = store.load_result(run_id, "sequela")
     if res is None:
         return None
-    res["stale"] = store.newest_defenses(run_id) != res.get("children")
+    now, then = store.newest_defenses(run_id, stopped=False), res.get("children") or {}
+    res["stale"] = now != then
+    ids = {c["id"] for c in store.defenses(run_id)}
+    res["deleted"] = [name for name, rid in then.items() if rid not in ids]
     return res
 
 

@@ -20,8 +20,10 @@ ids = [r["id"] for r in runs]
 labels = {r["id"]: f"{r['name']}{' → victim (' + str(r.get('victim')) + ')' if r['kind'] == 'victim' else ''}"
                    f" on {r['dataset']} · CA {figures.pct(r['clean_acc'])} · ASR {figures.pct(r['asr'])}"
                    f" · {r['id']}" for r in runs}
-parent = st.selectbox("Poisoned run", ids, key="def_run", persist_state="session", format_func=labels.get,
+parent = st.selectbox("Poisoned run", ids, index=ui.run_choice(ids, "def_run"), key="def_run", persist_state="session",
+                      format_func=labels.get,
                       help="The backdoored model to clean (newest first)")
+ui.set_focus(parent)
 chosen = st.multiselect("Defenses", list(DEFENSES), default=["ft", "sft"], key="def_defenses", persist_state="session",
                         format_func=lambda d: DEFENSES[d].title,
                         help="Each runs on its own copy of the poisoned model, one after the other")

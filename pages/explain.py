@@ -14,8 +14,10 @@ if not runs:
     st.info("No poisoned model yet: train one in the Attack lab, or run the quick demo on the Home page.")
     st.stop()
 labels = {r["id"]: f"{r['name']} on {r['dataset']} · ASR {figures.pct(r['asr'])} · {r['id']}" for r in runs}
-run_id = st.selectbox("Poisoned run", list(labels), key="exp_run", persist_state="session", format_func=labels.get,
+run_id = st.selectbox("Poisoned run", list(labels), index=ui.run_choice(list(labels), "exp_run"), key="exp_run",
+                      persist_state="session", format_func=labels.get,
                       help="Its defended versions (from the Defense lab) are shown next to it")
+ui.set_focus(run_id)
 c1, c2, c3 = st.columns(3)
 method = c1.selectbox("Method", explain.method_names(), key="exp_method", persist_state="session",
                       format_func=lambda m: explain.METHODS[m].title,

@@ -465,7 +465,16 @@ def test_explain_page_shows_maps_for_the_poisoned_model(app):
 
 def test_sequela_page_measures_in_the_background_and_shows_the_radar(app):
     _train_digits(app)
+    trained = app.session_state["bdft_focus"]
+    # a newer run stored meanwhile (a sweep's cell, say) does not take the picker's first place
+    from bdft_core.pipeline import AttackConfig, run_attack
+    from bdft_core.runs import RunStore
+
+    newer, _ = run_attack(AttackConfig(dataset="digits", epochs=1.0, model_kwargs={"widths": [8, 8, 16]}),
+                          store=RunStore())
+    assert RunStore().list()[0]["id"] == newer.id != trained
     _page(app, "sequela")
+    assert app.selectbox(key="seq_run").value == trained  # the run the user just trained
     assert any("Not measured yet" in i.value for i in app.info)
     app.multiselect(key="seq_axes").set_value(["calibration", "membership"]).run()
     app.button(key="seq_start").click().run()
@@ -479,6 +488,17 @@ def test_sequela_page_measures_in_the_background_and_shows_the_radar(app):
     assert len(app.get("plotly_chart")) >= 1
     app.radio(key="seq_scale").set_value("minmax").run()
     assert not app.exception
+    # measuring again, then stopping: Measure waits while this run is being measured (a second click
+    # would queue the same job), and the stopped job says nothing was kept, not "measured and kept"
+    app.button(key="seq_start").click().run()
+    app.run()
+    assert app.button(key="seq_start").disabled
+    app.button(key="seq_stop").click().run()
+    seen = _wait(app)
+    assert "stopped" in seen[-1]
+    app.run()
+    assert any("nothing was kept" in w.value for w in app.warning)
+    assert not any("measured in" in s.value and "kept with run" in s.value for s in app.success)
 
 
 def test_attack_lab_says_a_learned_trigger_has_no_preview(app):
@@ -502,6 +522,8 @@ def test_sweeps_page_defines_runs_and_plots_a_grid(app):
     assert not app.error, [e.value for e in app.error]
     assert any("**4 cells**" in i.value and "2 poisoned trainings" in i.value for i in app.info)
     app.button(key="sw_start").click().run()
+    app.run()
+    assert app.button(key="sw_start").disabled  # while it runs, a second click would queue the same sweep
     seen = _wait(app, timeout=300)
     assert "finished" in seen[-1]
     app.run()

@@ -44,7 +44,7 @@ def test_explain_run_and_panel(stored):
     assert list(res["models"]) == ["poisoned", "ft"] and (res["labels"] != run.attack["target"]).all()
     img = panel(res, "poisoned", scale=2)
     assert img.shape == (2 * 8 * 2, 4 * 8 * 2, 3) and img.dtype == np.uint8
-    with pytest.raises(ConfigError, match="no defended child"):
+    with pytest.raises(ConfigError, match="no finished defended child"):
         explain_run(store, run.id, defended=["nad"], n=2)
     with pytest.raises(ConfigError, match="explain a poisoned run"):
         explain_run(store, child.id, n=2)

@@ -61,6 +61,36 @@ def test_members_leave_out_every_defenses_clean_data_and_a_rerun_defense_makes_t
     assert stored_sequela(store, run.id)["stale"] is True
 
 
+def test_a_stopped_defense_is_not_measured_as_the_defense_and_a_deleted_one_is_named(tmp_path):
+    """Explain and Sequela measure the newest *finished* run per defense: a newer run stopped half-way
+    is not "after FT". A measured defense deleted since is named, not called "applied after"."""
+    import threading
+
+    from bdft_core.explain_runs import models_of
+
+    store = RunStore(tmp_path)
+    run, _ = run_attack(AttackConfig(dataset="digits", epochs=1, model_kwargs={"widths": [8, 8, 16]}), store=store)
+    ft, _ = run_defense(run.id, "ft", {"epochs": 1, "min_steps": 2}, store=store)
+    sft, _ = run_defense(run.id, "sft", {"epochs": 1, "min_steps": 2}, store=store)
+    halt = threading.Event()
+    half, _ = run_defense(run.id, "ft", {"epochs": 1, "min_steps": 50}, store=store, stop=halt,
+                          callbacks=[("on_batch", lambda p: halt.set())])
+    assert half.status == "stopped"
+    assert store.newest_defenses(run.id, stopped=False) == {"ft": ft.id, "sft": sft.id}
+    assert store.newest_defenses(run.id)["ft"] == ft.id  # a finished run wins over a newer stopped one
+    _, models = models_of(store, run.id)
+    assert set(models) == {"poisoned", "ft", "sft"}
+    res = sequela_run(store, run.id, axes=["calibration"], n=50)
+    assert res["children"] == {"ft": ft.id, "sft": sft.id}
+    kept = stored_sequela(store, run.id)
+    assert kept["stale"] is False and kept["deleted"] == []
+    store.delete(sft.id)
+    kept = stored_sequela(store, run.id)
+    assert kept["stale"] is True and kept["deleted"] == ["sft"]
+    store.delete(ft.id)  # only the stopped FT is left: it shows where nothing finished, but is not measured
+    assert store.newest_defenses(run.id) == {"ft": half.id} and store.newest_defenses(run.id, stopped=False) == {}
+
+
 def test_cli_sequela_json(stored):
     root, _, run = stored
     r = subprocess.run([sys.executable, "-m", "bdft_core", "--runs-dir", str(root), "sequela", "--run", run.id, "--axes",
