@@ -51,7 +51,8 @@ with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.sess
     t_vals = c2.text_input("Its values", "", key="sw_tvals", persist_state="session", disabled=t_param == "(none)",
                            help="Separated by commas, e.g. 2, 3, 4")
     lrs = c1.text_input("Fine-tuning learning rates (optional)", "", key="sw_lrs", persist_state="session",
-                        help="The defense's 'lr' setting (FT and other single-rate defenses); empty keeps defaults")
+                        help="The 'lr' setting of FT and other single-rate defenses; SFT keeps its schedule. "
+                             "Several rates need single-rate defenses only. Empty keeps the defaults")
     epochs = c2.number_input("Attack training epochs (0: the dataset's default)", 0.0, 200.0, 0.0, key="sw_epochs", persist_state="session")
     n_train = int(c1.number_input("Training images (0: all)", 0, 1_000_000, 0, step=1000, key="sw_ntrain", persist_state="session",
                                   help="Train on a seeded slice: faster cells on large datasets"))
@@ -91,7 +92,10 @@ with st.expander("Define a grid", expanded=not sweeps or "sw_job" not in st.sess
     except Exception as exc:
         ui.show_error(exc)
     b1, b2 = st.columns([1, 3])
-    if b1.button("Start sweep", key="sw_start", type="primary", disabled=spec is None):
+    busy = spec is not None and any(j.kind == "sweep" and j.active and j.params["spec"].get("name") == spec.name
+                                    for j in ui.jobs().list())  # a second click would queue the same sweep
+    if b1.button("Start sweep", key="sw_start", type="primary", disabled=spec is None or busy,
+                 help=f"Sweep {spec.name} is running: see below" if busy else None):
         try:
             st.session_state["sw_job"] = ui.jobs().submit("sweep", title=f"sweep {spec.name}", spec=grid,
                                                           executor=executor, address=address or None)
@@ -163,7 +167,10 @@ def results() -> None:
         cols = st.columns(max(1, len(others)))
         for col, a in zip(cols, others):
             vals = sf.axis_values(rows, a)
-            default = (v.get("where") or {}).get(a, vals[0])
+            first = vals[0]
+            if a == "defense":  # a map "after defense" starts on a real defense (SFT first), not on 'none'
+                first = "sft" if "sft" in vals else next((d for d in vals if d != "none"), vals[0])
+            default = (v.get("where") or {}).get(a, first)
             where[a] = col.selectbox(f"with {sf.axis_label(a)}", vals, index=vals.index(default) if default in vals
                                      else 0, key=f"sw_where_{a}", persist_state="session", format_func=str)
         try:

@@ -68,6 +68,8 @@ def test_trigger_and_defense_settings_axes():
     ({"axes": {"trigger.size": [3, 40]}}, "larger than"),
     ({"axes": {"defense": ["ft", "sft"], "defense.lr": [0.01]}}, "sft has no parameter.*lr"),
     ({"axes": {"clean_fraction": [0.1, 0.2], "defense": ["none"]}}, "same experiment"),
+    ({"axes": {"defense.lr": [0.1, 0.2], "defense": ["none"]}}, "defense.lr varies"),
+    ({"axes": {"defense": ["none", "ft"]}, "defense_params": {"none": {"lr": 1}}}, "defense .none. has no settings"),
     ({"axes": {"seed": [0]}, "colour": 1}, "unknown grid setting"),
     ({"axes": {"seed": [0]}, "name": "../etc"}, "sweep name"),
     ({"axes": {"seed": [0]}, "threads_per_cell": 0}, "threads_per_cell"),
@@ -433,3 +435,28 @@ def test_reading_rows_while_a_cell_lands_keeps_its_record(tmp_path):
     assert estimate(sub, store)["done"] == 0
     assert rec.cell(cell.key) is not None  # the record is still there for the import to complete
     assert rec.valid_cell(cell.key) is None and rec.cell(cell.key) is None  # run_sweep's own check drops it
+
+
+def test_the_forms_grid_mixes_no_defense_with_budgets_and_applies_a_rate_only_where_it_fits():
+    """The Sweeps page's grid: 'no defense' beside SFT at two budgets is the undefended baseline in
+    each budget's column (not "the same experiment"); a fine-tuning rate goes to the defenses with
+    one learning rate, and SFT keeps its schedule."""
+    from bdft_core.sweeps import NONE, SweepSpec, grid_from_choices
+
+    def grid(**over):
+        args = dict(name="form", dataset="digits", attacks=["badnets"], poison_rates=[0.1],
+                    defenses=[NONE, "sft"], clean_fractions=[0.05, 0.2])
+        return SweepSpec.from_dict(grid_from_choices(**{**args, **over})).validate()
+
+    cells = grid().cells()
+    assert sorted((c.defense, c.clean_fraction) for c in cells) == [(NONE, 0.05), (NONE, 0.2), ("sft", 0.05),
+                                                                      ("sft", 0.2)]
+    assert len({c.key for c in cells}) == 4 and len({c.attack_key for c in cells}) == 1  # one training
+    cells = grid(defenses=["ft", "sft"], clean_fractions=[0.2], defense_lrs=[0.02]).cells()
+    assert {c.defense: c.defense_params for c in cells} == {"ft": {"lr": 0.02}, "sft": {}}
+    cells = grid(defenses=["ft", NONE], clean_fractions=[0.2], defense_lrs=[0.01, 0.02]).cells()
+    assert sorted(c.defense_params.get("lr", 0) for c in cells if c.defense == "ft") == [0.01, 0.02]
+    with pytest.raises(ConfigError, match="sft has no single learning rate"):
+        grid(defenses=["ft", "sft"], defense_lrs=[0.01, 0.02])
+    with pytest.raises(ConfigError, match="none of the chosen defenses has one"):
+        grid(defenses=["sft"], defense_lrs=[0.01])

@@ -178,6 +178,7 @@ class SweepSpec:
         from ..pipeline import AttackConfig
 
         names = list(self.axes)
+        axis_params = [n[len("defense."):] for n in names if axis_kind(n) == "defense_param"]
         out, seen_attack = [], {}
         for combo in itertools.product(*(self.axes[n] for n in names)):
             values = dict(zip(names, combo))
@@ -207,10 +208,12 @@ class SweepSpec:
             akey = _key(cfg.__dict__)
             if akey not in seen_attack:
                 seen_attack[akey] = _check_attack(cfg)
+            unused = {}
             if defense == NONE:
-                if dparams:
-                    raise ConfigError(f"defense 'none' has no settings, but the grid sets {', '.join(dparams)}")
-                dp = {}
+                if self.defense_params.get(NONE):
+                    raise ConfigError(f"defense 'none' has no settings, but the grid sets "
+                                      f"{', '.join(self.defense_params[NONE])}")
+                dp, unused = {}, dparams  # a defense axis's value: where this baseline sits, nothing it runs
             else:
                 dp = {**(self.defense_params.get(defense) or {}), **dparams}
                 try:
@@ -220,11 +223,20 @@ class SweepSpec:
                 from ..data import check_clean_fraction
 
                 check_clean_fraction(clean_fraction)
+            # a 'none' cell keeps its clean fraction in its key: beside defended cells it is the
+            # undefended baseline of that budget's column (the same poisoned model in each, no training)
             cell_content = {"attack": cfg.__dict__, "defense": defense, "defense_params": dp,
-                            "clean_fraction": float(clean_fraction) if defense != NONE else None}
+                            "clean_fraction": float(clean_fraction)}
+            if unused:
+                cell_content["column"] = unused
             out.append(Cell(_key(cell_content), values, dict(cfg.__dict__), akey, defense, dp, float(clean_fraction)))
         keys = [c.key for c in out]
-        if len(set(keys)) != len(keys):  # e.g. clean_fraction as an axis with defense "none" only
+        if all(c.defense == NONE for c in out):
+            idle = [n for n in names if n == "clean_fraction" or n in [f"defense.{a}" for a in axis_params]]
+            if idle:
+                raise ConfigError(f"some cells of the grid are the same experiment: {', '.join(idle)} varies, but "
+                                  "every cell has defense 'none', which uses no clean data or settings; remove it")
+        if len(set(keys)) != len(keys):  # e.g. a defense setting's axis that no cell's defense takes
             raise ConfigError("some cells of the grid are the same experiment (an axis that does not matter for "
                               "them, such as clean_fraction or defense settings with defense 'none'); remove it")
         return out
@@ -306,10 +318,22 @@ def grid_from_choices(name: str, dataset: str, attacks: list[str], poison_rates:
     axes["clean_fraction"] = list(clean_fractions)
     grid = {"name": name, "base": base, "axes": axes, "threads_per_cell": int(threads_per_cell)}
     if defense_lrs:
-        if len(defense_lrs) > 1:
-            axes["defense.lr"] = list(defense_lrs)
+        from ..defenses import DEFENSES
+
+        takes = [d for d in defenses if d in DEFENSES and "lr" in DEFENSES[d].defaults]
+        if not takes:
+            raise ConfigError("the fine-tuning learning rates apply to defenses with one learning rate (such as "
+                              "FT), and none of the chosen defenses has one: leave the rates empty")
+        if len(defense_lrs) == 1:  # SFT and other scheduled defenses keep their own rates beside it
+            grid["defense_params"] = {d: {"lr": defense_lrs[0]} for d in takes}
         else:
-            grid["defense_params"] = {d: {"lr": defense_lrs[0]} for d in defenses if d != NONE}
+            others = [d for d in defenses if d != NONE and d not in takes]
+            if others:
+                raise ConfigError(f"several fine-tuning learning rates vary the 'lr' of {', '.join(takes)}, but "
+                                  f"{', '.join(others)} has no single learning rate (SFT's is a schedule) and "
+                                  "would run once per rate for nothing: give one rate, or sweep those defenses "
+                                  "separately")
+            axes["defense.lr"] = list(defense_lrs)
     return grid
 
 
