@@ -121,8 +121,8 @@ def defense_defaults(paradigm: str, defense: str) -> dict[str, Any]:
 
 # Transfer to another dataset: downstream target classes that the victim's transferred model recognises,
 # where that is measured (README, "The three paradigms"). A feature-space (latent) backdoor lands only on
-# such a class: CIFAR-10 -> GTSRB with target 14 (stop) reached 96.7% head-only ASR (the victim recalls
-# 64% of clean stop signs); with target 0 (20 km/h, recalled 1.7%) 0.7%.
+# such a class: CIFAR-10 -> GTSRB with target 14 (stop) reached 95.9% head-only ASR (the victim recalls
+# 80% of clean stop signs); with target 0 (20 km/h, recalled 0%) 0.0% (README, 2026-11-28).
 SUGGESTED_TARGETS: dict[tuple[str, str], tuple[int, str]] = {
     ("cifar10", "gtsrb"): (14, "stop: a class a CIFAR-10 model's features recognise, so a latent backdoor can "
                                "land on it (0, 20 km/h, is not)"),

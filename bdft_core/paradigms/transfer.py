@@ -93,8 +93,8 @@ def target_recall(model, setting, cfg) -> float | None:
     """Share of the clean downstream test images *of the target class* that ``model`` calls the target.
     A feature-space backdoor moves triggered images towards the target class's features; where the
     victim's head has (almost) no region for that class, it has nothing to land on. Measured on
-    CIFAR-10 -> GTSRB (latent, head-only victim): class 0, a rare speed-limit sign, recall 1.7% and
-    ASR 0.7%; class 14 (stop), recall 64% and ASR 96.7%. None for all-to-all attacks."""
+    CIFAR-10 -> GTSRB (latent, head-only victim): class 0, a rare speed-limit sign, recall 0% and
+    ASR 0.0%; class 14 (stop), recall 80% and ASR 95.9%. None for all-to-all attacks."""
     if cfg.mode != "all_to_one":
         return None
     d = setting.data
