@@ -58,9 +58,8 @@ def row_of(parent: Run, d_run: Run) -> dict:
            "d_asr": None if a is None or pa is None else a - pa,
            "seconds": d_run.timings.get("total_s"), "needs": d_run.defense.get("needs") or (cls.needs if cls else ""),
            "uses_poisoned_data": bool(d_run.defense.get("uses_poisoned_data")), "run_id": d_run.id}
-    for k in ("precision", "recall", "n_flagged", "flagged_classes", "pruned_channels", "pruned_neurons"):
-        if k in d_run.final:
-            row[k] = d_run.final[k]
+    for k, v in d_run.final.items():  # what each defense reports of its own (precision, flagged classes, ...)
+        row.setdefault(k, v)
     return row
 
 

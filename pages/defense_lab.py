@@ -98,8 +98,8 @@ if newest:
     st.caption(figures.CAPTIONS["scatter"])
     if "sft" in d_runs and len(rows) > 1:
         st.info(compare.verdict({"rows": rows, "poisoned": before}))
-    if "neural_cleanse" in d_runs:
-        ui.reversed_trigger_panel(run, d_runs["neural_cleanse"])
-    for name in ("activation_clustering", "spectral_signatures", "abl"):
-        if name in d_runs:
-            ui.flagged_panel(run, d_runs[name])
+    for d_run in d_runs.values():  # panels follow what a run holds, so a defense added later gets them too
+        if "anomaly_index" in d_run.final:  # a trigger reverse-engineered per class (Neural Cleanse)
+            ui.reversed_trigger_panel(run, d_run)
+        if "n_flagged" in d_run.final or "n_isolated" in d_run.final:  # training images flagged (cleansers, ABL)
+            ui.flagged_panel(run, d_run)

@@ -547,3 +547,24 @@ def test_sweeps_page_defines_runs_and_plots_a_grid(app):
     # the same name for another grid: said before it replaces the stored grid's view
     app.text_input(key="sw_rates").set_value("0.1").run()
     assert any("already holds another grid" in w.value for w in app.warning)
+
+
+def test_defense_lab_panels_follow_what_a_run_holds(app, monkeypatch):
+    """The flagged-images panel appears for any defense whose run reports flagged training images
+    (not for a fixed list of names), so a cleanser added later shows its panel too."""
+    from bdft_core.defenses import DEFENSES
+    from bdft_core.defenses.activation_clustering import ActivationClustering
+    from bdft_core.pipeline import AttackConfig, run_attack, run_defense
+    from bdft_core.runs import RunStore
+
+    class Later(ActivationClustering):  # a data cleanser registered after the page was written
+        name, title = "later_cleanser", "A later cleanser"
+    monkeypatch.setitem(DEFENSES, Later.name, Later)
+    store = RunStore()
+    run, _ = run_attack(AttackConfig(dataset="digits", epochs=2.0, model_kwargs={"widths": [8, 8, 16]}), store=store)
+    ac, _ = run_defense(run.id, Later.name, store=store)
+    assert "n_flagged" in ac.final
+    _page(app, "defense_lab")
+    assert any("training images it flagged" in h.value for h in app.subheader)
+    rows = app.dataframe[0].value  # the comparison table: the cleanser's own figures are kept in its row
+    assert any("precision" in str(v) for v in rows["detection"])

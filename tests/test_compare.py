@@ -141,3 +141,19 @@ def test_comparison_table_and_scatter():
     mask[0, 0, 0] = 1.0
     img = figures.reversed_trigger_display(mask, torch.ones(3, 2, 2), scale=1)
     assert img.shape == (2, 2, 3) and img[0, 0].tolist() == [255, 255, 255] and img[1, 1].tolist() == [128, 128, 128]
+
+
+def test_a_row_keeps_what_each_defense_reports_of_its_own():
+    """A defense added later reports its own figures (here a made-up ``purity``): the comparison row
+    keeps them beside the common columns, with no list of names to extend."""
+    from bdft_core.compare import row_of
+    from bdft_core.runs import Run
+
+    common = dict(created=0.0, dataset="digits", model={}, attack={}, config={}, seed=0, device="cpu")
+    parent = Run(id="p", kind="attack", final={"clean_acc": 0.9, "asr": 1.0}, **common)
+    d = Run(id="d", kind="defense", parent="p", defense={"name": "ft", "title": "FT"},
+            final={"clean_acc": 0.88, "asr": 0.25, "purity": 0.75, "flagged_classes": [3]},
+            timings={"total_s": 2.0}, **common)
+    row = row_of(parent, d)
+    assert row["purity"] == 0.75 and row["flagged_classes"] == [3]
+    assert row["d_asr"] == pytest.approx(-0.75) and row["clean_acc"] == 0.88 and row["run_id"] == "d"
