@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sequela", help="backdoor sequela: every axis for a poisoned run and each defended child")
     p.add_argument("--run", required=True, help="id of the poisoned run (its defended children come along)")
-    p.add_argument("--axes", default=None, help="comma-separated axes (default: all)")
+    from .sequela import AXES
+
+    p.add_argument("--axes", default=None, help=f"comma-separated axes, from {', '.join(AXES)} (default: all)")
     p.add_argument("--n", type=int, default=1000, help="members and non-members each")
     p.add_argument("--json", action="store_true")
 

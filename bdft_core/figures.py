@@ -300,8 +300,15 @@ def role_of(run) -> str:
 def run_bar_rows(runs: Iterable) -> list[dict]:
     """Rows for :func:`before_after_figure` from stored runs, each labelled with its short run id
     (two poisoned runs and their FT children stay apart)."""
-    return [{"name": role_of(r), "label": f"{label_of(role_of(r))} · {r.id[-6:]}", "clean_acc": r.final.get("clean_acc"),
+    return [{"name": role_of(r), "label": run_label(r), "clean_acc": r.final.get("clean_acc"),
              "asr": r.final.get("asr")} for r in runs]
+
+
+def run_label(run) -> str:
+    """A stored run's name in figures: its role, its short id, and for a defense the poisoned run it
+    started from (two poisoned runs' FT children stay apart)."""
+    label = f"{label_of(role_of(run))} · {run.id[-6:]}"
+    return label + (f" (of {run.parent[-6:]})" if run.kind == "defense" and run.parent else "")
 
 
 def compare_figure(runs: Iterable, height: int = 360):
@@ -317,11 +324,13 @@ def compare_figure(runs: Iterable, height: int = 360):
         titles = ("Training the poisoned models: ASR", "… and CA",
                   "Defenses, each from its poisoned model: ASR", "… and CA")
     fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.2)
+    seen: dict[str, int] = {}
     for run in runs:
         pts = run_series(run)
-        label = f"{run.name} · {run.id[-6:]}"
+        label = run_label(run)  # the bars' names too
         color = color_of(role_of(run))
-        dash = "dot" if run.kind == "victim" else None  # a victim's model: the attack's reds, dotted
+        nth = seen[role_of(run)] = seen.get(role_of(run), -1) + 1  # a second FT run: same colour, other dashes
+        dash = "dot" if run.kind == "victim" else (None, "dash", "dashdot", "longdash")[nth % 4]
         row = 2 if rows == 2 and run.id not in trained else 1
         for col, key in ((1, "asr"), (2, "clean_acc")):
             fig.add_trace(go.Scatter(x=[p["epoch"] for p in pts],
@@ -373,7 +382,7 @@ def trigger_preview(attack, x_uint8, n: int = 6, scale: int | None = None) -> di
 
 __all__ = ["ATTACK_COLOR", "CAPTIONS", "COLORS", "before_after_figure", "color_of", "compare_figure", "conclusion",
            "count", "curves_figure", "duration", "label_of", "paradigm_rows", "pct", "residual_display", "role_of",
-           "run_bar_rows", "run_series", "schedule_figure", "summary_rows", "to_display", "training_warning",
+           "run_bar_rows", "run_label", "run_series", "schedule_figure", "summary_rows", "to_display", "training_warning",
            "transfer_reading", "trigger_on_grey", "trigger_preview"]
 
 

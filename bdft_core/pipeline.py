@@ -309,7 +309,7 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
               config={"clean_fraction": clean_fraction, "n_clean": len(idx), "defense": d.config()},
               seed=cfg.seed, device=describe_device(s.device, (train_over or {}).get("amp", "auto")),
               status="stopped" if res.stopped else "finished",
-              parent=parent_run.id, defense={**d.config(), "title": d.title, "needs": d.needs,
+              parent=parent_run.id, defense={**d.config(), "title": d.title, "paper": d.paper, "needs": d.needs,
                                              "uses_poisoned_data": d.uses_poisoned_data},
               history=res.history, final={**res.final, "steps": res.steps, "total_steps": res.total_steps},
               timings={"total_s": total, "train_s": res.seconds, "images_per_s": res.images_per_s})

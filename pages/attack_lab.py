@@ -71,7 +71,7 @@ with left:
         upload = st.file_uploader("Your own trigger image (PNG or JPEG, optional)", type=["png", "jpg", "jpeg"],
                                   max_upload_size=MAX_TRIGGER_BYTES // 1024 ** 2,  # the widget states it, in MB
                                   key="atk_trigger_upload",
-                                  help="Used as the patch (BadNets) or the blended pattern (Blended)")
+                                  help=f"Used as {cls.title}'s trigger image (its '{cls.image_param}' setting)")
     # an accepted upload is kept for the session: the uploader itself is empty again after a page switch
     trigger_path = st.session_state.get("atk_trigger_path")
     if upload is not None:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from bdft_core.defenses import DEFENSES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,6 +69,10 @@ def test_attack_then_defend(tmp_path):
     assert d.returncode == 0, d.stderr
     rd = last_json(d.stdout)
     assert rd["parent"] == ra["run_id"] and rd["before"]["asr"] == ra["asr"] and 0 <= rd["asr"] <= 1
+    from bdft_core.runs import RunStore
+
+    assert RunStore(tmp_path).get(rd["run_id"]).defense["paper"] == DEFENSES["ft"].paper  # as attack records do
+    assert "membership" in cli("sequela", "--help").stdout  # the axes are named where they are asked for
     gone = last_json(cli("--runs-dir", str(tmp_path), "runs", "delete", ra["run_id"], "--json").stdout)
     assert set(gone["deleted"]) == {ra["run_id"], rd["run_id"]}
 

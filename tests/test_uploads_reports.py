@@ -176,6 +176,9 @@ def test_before_after_bars_of_stored_runs_keep_roles_and_runs_apart():
     curves = figures.compare_figure(runs)
     axes = {t.legendgroup: t.xaxis for t in curves.data if t.showlegend}
     assert [axes[r.id] for r in runs] == ["x", "x", "x", "x3", "x3"]
+    legend = {t.legendgroup: t for t in curves.data if t.showlegend}
+    assert legend[runs[3].id].name == names[3] == "Fine-tuning (FT) · abc124 (of a)"  # curves and bars agree
+    assert legend[runs[3].id].line.dash is None and legend[runs[4].id].line.dash == "dash"  # two FT runs apart
     assert [t.xaxis for t in figures.compare_figure(runs[:2]).data] == ["x", "x2", "x", "x2"]  # one row
 
 
