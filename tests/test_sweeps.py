@@ -460,3 +460,8 @@ def test_the_forms_grid_mixes_no_defense_with_budgets_and_applies_a_rate_only_wh
         grid(defenses=["ft", "sft"], defense_lrs=[0.01, 0.02])
     with pytest.raises(ConfigError, match="none of the chosen defenses has one"):
         grid(defenses=["sft"], defense_lrs=[0.01])
+    # a choice left half-made is said, not silently dropped
+    with pytest.raises(ConfigError, match="at least one paradigm"):
+        grid(paradigms=[])
+    with pytest.raises(ConfigError, match="give the values of size"):
+        grid(trigger=("size", []))

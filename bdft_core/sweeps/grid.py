@@ -281,6 +281,10 @@ def grid_from_choices(name: str, dataset: str, attacks: list[str], poison_rates:
         raise ConfigError("pick at least one attack")
     if not defenses:
         raise ConfigError("pick at least one defense (or 'none': the poisoned model as it is)")
+    if paradigms is not None and not paradigms:
+        raise ConfigError("pick at least one paradigm (standalone: the attacker trains the model itself)")
+    if trigger and trigger[0] and not trigger[1]:
+        raise ConfigError(f"give the values of {trigger[0]} to vary (separated by commas), or vary no trigger setting")
     for what, vals in (("poison rates", poison_rates), ("clean fractions", clean_fractions)):
         if not vals:
             raise ConfigError(f"give at least one value for the {what}")
