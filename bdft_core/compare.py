@@ -78,6 +78,9 @@ def compare_defenses(parent: str, names=None, clean_fraction: float | None = Non
     params = params or {}
     for n in names:
         build_defense(n, **(params.get(n) or {}))  # every setting checked before anything runs
+    from .data import check_clean_fraction
+
+    cf = check_clean_fraction(cf)  # once, not as one failure per defense
     t0 = time.perf_counter()
     run, model = store.load_model(parent)
     if run.kind not in ("attack", "victim"):

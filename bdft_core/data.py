@@ -259,6 +259,9 @@ def load_npz(path: str | Path, name: str | None = None) -> ImageData:
         raise ConfigError(f"{path} is not a readable .npz file: an array in it is damaged ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ConfigError(f"{path} is not a readable .npz file: the archive is damaged ({exc})") from None
+    except MemoryError:  # a member's header can claim any shape
+        raise ConfigError(f"{path}: an array in it claims more memory than this machine has (a damaged or "
+                          "hand-made header?)") from None
     for k, a in (("x_train", xtr), ("y_train", ytr), ("x_test", xte), ("y_test", yte), ("classes", cls)):
         if a is not None and not isinstance(a, np.ndarray):
             raise ConfigError(f"{path}: {k} is not a numpy array (a member of the archive that is not .npy)")
@@ -329,6 +332,9 @@ def pil_to_rgb(im):
     return im.convert("RGB")
 
 
+MAX_FOLDER_IMAGE_PIXELS = 16 * 10 ** 6  # a dataset image; a decompression bomb would take gigabytes
+
+
 def load_image_folder(path: str | Path, image_size: int = 32, test_fraction: float = 0.2,
                       seed: int = 0) -> ImageData:
     """One subfolder per class (names sorted = labels). With ``train/`` and ``test/`` subfolders,
@@ -353,8 +359,14 @@ def load_image_folder(path: str | Path, image_size: int = 32, test_fraction: flo
                 if f.suffix.lower() in _IMG_EXT and not _hidden(f):
                     try:
                         with Image.open(f) as im:
+                            if im.width * im.height > MAX_FOLDER_IMAGE_PIXELS:  # read from the header, not decoded
+                                raise ConfigError(f"{f} is {im.width}x{im.height} pixels, more than the "
+                                                  f"{MAX_FOLDER_IMAGE_PIXELS // 10 ** 6} million an image may have "
+                                                  f"here (each is resized to {image_size}x{image_size}): shrink it")
                             im = pil_to_rgb(im).resize((image_size, image_size), Image.BILINEAR)
                             xs.append(np.asarray(im, dtype=np.uint8))
+                    except ConfigError:
+                        raise
                     except Exception as exc:
                         raise ConfigError(f"{f} is not a readable image ({exc})") from exc
                     ys.append(i)

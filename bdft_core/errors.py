@@ -29,13 +29,25 @@ class RunNotFound(BdftError, KeyError):
 
 
 def check_numbers(owner: str, defaults: dict, params: dict) -> None:
-    """ConfigError for a setting whose default is a number but whose value is not one (``size=abc``
-    or ``alpha=[1, 2]`` from the command line), before any constructor trips over it with a bare
-    ValueError or TypeError."""
+    """ConfigError for a setting whose default is a number but whose value is not a finite one
+    (``size=abc``, ``alpha=[1, 2]``, ``lr=1e400``; a whole number where the default is one), or whose
+    default is true/false but whose value is not a boolean (``last_layer_only=False`` is the string
+    "False"), before any constructor trips over it or silently misreads it."""
+    import math
+
     for k, v in params.items():
         d = defaults.get(k)
-        if isinstance(d, (int, float)) and not isinstance(d, bool):
+        if isinstance(d, bool):  # "False" from a command line is a true string: say so, never read it as on
+            if not isinstance(v, bool):
+                raise ConfigError(f"{owner}: {k} must be true or false, got {v!r}")
+        elif isinstance(d, (int, float)):
             try:
-                float(v)
+                if isinstance(v, bool):
+                    raise TypeError
+                f = float(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"{owner}: {k} must be a number, got {v!r}") from None
+            if not math.isfinite(f):  # 1e400 parses as inf: it would run (and store) nonsense
+                raise ConfigError(f"{owner}: {k} must be a finite number, got {v!r}")
+            if isinstance(d, int) and f != int(f):
+                raise ConfigError(f"{owner}: {k} must be a whole number, got {v!r}")

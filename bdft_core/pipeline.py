@@ -79,13 +79,28 @@ class AttackConfig:
         from .paradigms import check_paradigm_params
 
         check_paradigm_params(self)
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        def number(name, whole=False):
+            v = getattr(self, name)
+            import numbers
+
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (whole and not isinstance(v, numbers.Integral)):
+                raise ConfigError(f"{name} must be a {'whole ' if whole else ''}number, got {v!r}")
+            return v
+
+        if not 0 <= number("seed", whole=True) < 2 ** 63:  # torch seeds are 64-bit
+            raise ConfigError(f"seed must be from 0 to 2**63-1, got {self.seed}")
+        if not 0 <= number("target", whole=True) < 1_000_000:
+            raise ConfigError(f"target must be a class number (0, 1, ...), got {self.target}")
+        if self.epochs is not None and not 0 < number("epochs") <= MAX_EPOCHS:
+            raise ConfigError(f"epochs must be above 0 and at most {MAX_EPOCHS}, got {self.epochs}")
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if v is not None and int(v) < 2:
                 raise ConfigError(f"{name} must be at least 2, got {v}")
         return self
+
+
+MAX_EPOCHS = 10_000  # far beyond any training here; 1e308 would print a step count that never ends
 
 
 @functools.lru_cache(maxsize=4)
@@ -171,6 +186,8 @@ def run_attack(cfg: AttackConfig, store: RunStore | None = None, callbacks=(), s
 
     Transfer paradigm: trains the attacker's model and the victim's (head only and whole model), stores
     all three, and returns the victim model that defenses start from (``on_stage(name)`` marks each)."""
+    if store is not None and hasattr(store, "check_writable"):
+        store.check_writable()  # before minutes of training, not after
     if cfg.paradigm == "transfer":  # the attacker's model and the victims; returns the victim defenses start from
         from .paradigms.transfer import transfer_models
 
@@ -271,6 +288,8 @@ def run_defense(parent: str | Run, defense: str, params: dict | None = None,
     t0 = time.perf_counter()
     check_clean_fraction(clean_fraction)
     build_defense(defense, **(params or {}))  # a bad name or setting fails before any loading
+    if store is not None and hasattr(store, "check_writable"):
+        store.check_writable()
     if isinstance(parent, str):
         if store is None:
             raise ConfigError("a run id needs a run store to load it from")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, RunNotFound
+from .errors import CheckpointError, ConfigError, RunNotFound
 
 DEFAULT_RUNS_DIR = Path("~/.bdft/runs")
 SCHEMA_VERSION = 1
@@ -108,6 +108,22 @@ def check_record(d) -> None:
     for k, types in _RECORD_FIELDS.items():
         if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool)):
             raise TypeError(f"{k!r} is a {type(d[k]).__name__}, not a {' or '.join(t.__name__ for t in types)}")
+    # what the index and every listing read: numbers where numbers go (an uploaded record saying
+    # clean_acc "high" would otherwise be stored, and then break listing every run), names as text
+    for part, keys in (("final", ("clean_acc", "asr")), ("timings", ("total_s", "train_s", "images_per_s")),
+                       ("config", ("epochs", "n_train", "n_clean", "clean_fraction"))):
+        for k in keys:
+            v = d[part].get(k) if part in d else None
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise TypeError(f"{part}.{k} is {v!r}, not a finite number")
+    for part in ("attack", "defense"):
+        v = (d.get(part) or {}).get("name")
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{part}.name is {v!r}, not text")
+    for k in ("paradigm", "victim"):
+        v = d["config"].get(k) if "config" in d else None
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"config.{k} is {v!r}, not text")
     m = d["model"]
     if not (isinstance(m.get("name"), str) and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool)
                                                    for k in ("num_classes", "channels"))
@@ -170,6 +186,11 @@ def load_state_checked(model: torch.nn.Module, path_or_bytes, what: str = "check
                               f"such as a pickled .pt): {exc}") from None
     expected = model.state_dict()
     check_state_fits(expected, state, what)
+    odd = [f"{k} ({v.dtype})" for k, v in state.items()  # int8 or complex weights would load cast, as nonsense
+           if v.is_complex() or v.is_floating_point() != expected[k].is_floating_point() or v.dtype == torch.bool]
+    if odd:
+        raise CheckpointError(f"{what} holds tensors of the wrong kind of number ({len(odd)}, e.g. {odd[0]}): "
+                              "weights are floating point; was it converted by another tool?")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
@@ -204,15 +225,38 @@ def _images_trained(run: Run) -> int | None:
 class RunStore:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root else runs_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"the runs folder {self.root} is a file: point BDFT_RUNS_DIR (or --runs-dir) at a "
+                              "folder") from None
+        except OSError as exc:
+            raise ConfigError(f"the runs folder {self.root} cannot be made ({exc.strerror}): point BDFT_RUNS_DIR "
+                              "(or --runs-dir) at a folder you can write to") from None
         self.index = self.root / "index.sqlite"
         self.rebuilt: dict | None = None  # set when an unreadable index was put aside and rebuilt
         try:
             self._create_index()
-        except sqlite3.OperationalError:  # locked, read-only, ...: not damage, say so
-            raise
+            if self._empty_beside_runs():  # an emptied (zero-byte) index reads as a new one: runs would vanish
+                self._rebuild_index(sqlite3.DatabaseError("the index lists no run, but run folders are there"))
+        except sqlite3.OperationalError as exc:  # locked, read-only, a folder in its place: not damage, say so
+            raise ConfigError(f"the runs index {self.index} cannot be opened ({exc}): is another program "
+                              "holding it, or is the folder read-only?") from None
         except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
             self._rebuild_index(exc)
+
+    def check_writable(self) -> None:
+        """ConfigError now, before minutes of training, when the runs folder cannot take a new run."""
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"the runs folder {self.root} is read-only, so a run could not be kept: point "
+                              "BDFT_RUNS_DIR (or --runs-dir) at a folder you can write to")
+
+    def _empty_beside_runs(self) -> bool:
+        with closing(self._db()) as db:
+            if db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
+                return False
+        return any(d.is_dir() and _RUN_ID.fullmatch(d.name) and (d / "run.json").is_file()
+                   for d in self.root.iterdir())
 
     def _create_index(self) -> None:
         with closing(self._db()) as db, db:
@@ -315,6 +359,14 @@ class RunStore:
             raise CheckpointError(f"an exported run is unreadable ({exc})") from None
         check_state_fits(model_shapes(run.model), state, f"the weights of exported run {run.id}")
         d = self.path(run.id)
+        held = d / "model.safetensors"
+        if held.is_file():  # the same run again is harmless; another one under its id must not replace it
+            if held.read_bytes() == bytes(files["model.safetensors"]):
+                return self._import_files(d, run, files)
+            raise CheckpointError(f"run {run.id} is already stored here with other weights: refusing to replace it")
+        return self._import_files(d, run, files)
+
+    def _import_files(self, d: Path, run: Run, files: dict[str, bytes]) -> Run:
         d.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():  # the record last: the index row follows it
             if name != "run.json":
@@ -360,6 +412,9 @@ class RunStore:
 
         run = self.get(run_id)
         m = run.model
+        from .uploads import _check_record
+
+        _check_record(run.to_json(), f"the record of run {run_id}")  # a hand-edited model size builds nothing
         model = build_model(m["name"], m["num_classes"], m["channels"], **m.get("kwargs", {}))
         load_state_checked(model, self.path(run_id) / "model.safetensors", what=f"weights of run {run_id}")
         return run, model.to(device).eval()

@@ -88,6 +88,12 @@ def test_attack_then_defend(tmp_path):
     (["runs", "show"], "needs a run id"),
     (["attack", "--dataset", "digits", "--param", "size=abc"], "size must be a number, got 'abc'"),
     (["attack", "--dataset", "digits", "--attack", "blended", "--param", "alpha=[1,2]"], "alpha must be a number"),
+    (["attack", "--dataset", "digits", "--param", "size=1e400"], "size must be a finite number"),
+    (["attack", "--dataset", "digits", "--param", "size=2.5"], "size must be a whole number"),
+    (["attack", "--dataset", "digits", "--param", "size=true"], "size must be a number"),
+    (["attack", "--dataset", "digits", "--seed", "99999999999999999999999"], "seed must be from 0"),
+    (["attack", "--dataset", "digits", "--epochs", "1e308"], "epochs must be above 0 and at most"),
+    (["compare", "--run", "20261128-035156-attack-accf97", "--clean-fraction", "nan"], "clean fraction"),
 ])
 def test_bad_input_one_line_no_trace(tmp_path, args, reason):
     r = cli("--runs-dir", str(tmp_path), *args, env={"BDFT_DATA_DIR": str(tmp_path), "BDFT_OFFLINE": "1"})

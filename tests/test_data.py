@@ -293,3 +293,30 @@ def test_augment_translate_must_be_smaller_than_the_image():
     assert augment(x, translate=5).shape == x.shape
     with pytest.raises(ConfigError, match=r"translate=6 pixels must be smaller than the image side \(8x6\)"):
         augment(x, translate=6)
+
+
+def test_an_npz_member_claiming_terabytes_and_a_huge_folder_image_get_clear_errors(tmp_path):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    def npy(a):
+        b = io.BytesIO()
+        np.save(b, a)
+        return b.getvalue()
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": (10 ** 13,)})
+    x, y = np.zeros((20, 8, 8), np.uint8), np.arange(20) % 2
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as z:
+        z.writestr("x_train.npy", head.getvalue() + b"\0" * 4)
+        for k, v in (("y_train", y), ("x_test", x), ("y_test", y)):
+            z.writestr(f"{k}.npy", npy(v))
+    with pytest.raises(ConfigError, match="claims more memory than this machine has"):
+        load_dataset(str(tmp_path / "big.npz"))
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / c / "small.png")
+    Image.new("1", (5000, 4000)).save(tmp_path / "imgs" / "b" / "huge.png")  # 20 MP, a few kB on disk
+    with pytest.raises(ConfigError, match=r"huge.png is 5000x4000 pixels, more than the 16 million"):
+        load_dataset(str(tmp_path / "imgs"))

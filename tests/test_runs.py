@@ -272,3 +272,92 @@ def test_artefacts_are_on_disk_before_the_run_is_listed(stored, tmp_path, monkey
     store.save(rec, model, artefacts={"flagged_idx": torch.tensor([4, 2])})
     assert at_index == [["artefacts.safetensors", "model.safetensors", "run.json"]]
     assert store.load_artefacts(rec.id)["flagged_idx"].tolist() == [4, 2]
+
+
+# -- hostile or damaged stores and uploads (each found by trying it) -----------------------------------
+
+def _copy_store(stored, tmp_path):
+    import shutil
+
+    store, run, child = stored
+    shutil.copytree(store.root, tmp_path / "runs")
+    return RunStore(tmp_path / "runs"), run, child
+
+
+def test_an_upload_whose_record_says_clean_acc_high_is_refused_and_listing_still_works(stored, tmp_path):
+    import struct
+
+    from bdft_core.uploads import import_checkpoint
+
+    store, run, _ = _copy_store(stored, tmp_path)
+    good = (store.path(run.id) / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    for where, value in (("final", "high"), ("final", [1]), ("attack", ["x"])):
+        header = json.loads(good[8:8 + n])
+        rec = json.loads(header["__metadata__"]["run"])
+        rec["id"] = "20300101-000000-attack-abcdef"
+        if where == "final":
+            rec["final"]["clean_acc"] = value
+        else:
+            rec["attack"]["name"] = value
+        header["__metadata__"]["run"] = json.dumps(rec)
+        b = json.dumps(header).encode()
+        with pytest.raises(CheckpointError, match="record is damaged"):
+            import_checkpoint(struct.pack("<Q", len(b)) + b + good[8 + n:], store, filename="evil.safetensors")
+    assert len(store.list()) == 2 and not (store.root / "20300101-000000-attack-abcdef").exists()
+
+
+def test_an_emptied_index_is_rebuilt_from_the_run_folders(stored, tmp_path):
+    store, run, child = _copy_store(stored, tmp_path)
+    store.index.write_bytes(b"")  # sqlite reads a zero-byte file as a new, empty database
+    again = RunStore(store.root)
+    assert {r["id"] for r in again.list()} == {run.id, child.id} and again.rebuilt["indexed"]
+    assert RunStore(store.root).rebuilt is None  # rebuilt once; an empty store stays as it is
+    assert RunStore(tmp_path / "fresh").list() == []
+
+
+def test_importing_another_run_under_a_stored_id_is_refused(stored, tmp_path):
+    store, run, _ = _copy_store(stored, tmp_path)
+    files = store.export_run(run.id)
+    store.import_run(files)  # the same run again: harmless
+    before = (store.path(run.id) / "model.safetensors").read_bytes()
+    other = RunStore(tmp_path / "other")
+    r2, _ = run_attack(AttackConfig(**{**QUICK, "seed": 5}), store=other)
+    forged = {**other.export_run(r2.id), "run.json": files["run.json"]}  # other weights, this run's record
+    with pytest.raises(CheckpointError, match="already stored here with other weights"):
+        store.import_run(forged)
+    assert (store.path(run.id) / "model.safetensors").read_bytes() == before
+
+
+def test_hand_edited_records_and_converted_weights_are_refused_before_anything_is_built(stored, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    store, run, _ = _copy_store(stored, tmp_path)
+    p = store.path(run.id) / "run.json"
+    rec = json.loads(p.read_text())
+    rec["model"]["kwargs"] = {"widths": [10 ** 6] * 3}  # would ask for terabytes
+    p.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match="widths .* out of range"):
+        store.load_model(run.id)
+    rec["model"]["kwargs"] = {}
+    p.write_text(json.dumps({**rec, "model": json.loads((stored[0].path(run.id) / "run.json").read_text())["model"]}))
+    w = store.path(run.id) / "model.safetensors"
+    save_file({k: v.to(torch.int8) if v.is_floating_point() else v for k, v in load_file(str(w)).items()}, str(w))
+    with pytest.raises(CheckpointError, match="wrong kind of number"):
+        store.load_model(run.id)
+
+
+def test_a_runs_folder_that_is_a_file_or_read_only_says_so(tmp_path, monkeypatch):
+    from bdft_core.errors import ConfigError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file: point BDFT_RUNS_DIR"):
+        RunStore(tmp_path / "afile")
+    store = RunStore(tmp_path / "ro")
+    import os
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # as for a user without write permission
+    t = []
+    with pytest.raises(ConfigError, match="read-only, so a run could not be kept"):
+        run_attack(AttackConfig(**QUICK), store=store, callbacks=[("on_batch", t.append)])
+    assert not t  # said before any training step

@@ -90,3 +90,19 @@ def test_last_layer_ft_changes_only_the_classifier(live):
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
+
+
+def test_a_true_false_setting_takes_only_true_or_false():
+    """``--param last_layer_only=False`` arrives as the string "False", which Python reads as true:
+    it would have trained the last layer only. It is refused, as is an infinite learning rate."""
+    from bdft_core.defenses import build_defense
+    from bdft_core.errors import ConfigError
+
+    for bad in ("False", "no", 0):
+        with pytest.raises(ConfigError, match="last_layer_only must be true or false"):
+            build_defense("ft", last_layer_only=bad)
+    assert build_defense("ft", last_layer_only=False).params["last_layer_only"] is False
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        build_defense("ft", lr=float("inf"))
+    with pytest.raises(ConfigError, match="momentum must be a finite number"):
+        build_defense("ft", momentum=float("nan"))
