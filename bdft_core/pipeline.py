@@ -87,6 +87,13 @@ class AttackConfig:
                 raise ConfigError(f"{name} must be a {'whole ' if whole else ''}number, got {v!r}")
             return v
 
+        for name in ("params", "paradigm_params", "model_kwargs"):  # a grid file can put anything here
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a table of settings (name = value), got {getattr(self, name)!r}")
+        for name in ("dataset", "attack", "mode", "model", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be text, got {getattr(self, name)!r}")
+        number("poison_rate"), number("lr")
         if not 0 <= number("seed", whole=True) < 2 ** 63:  # torch seeds are 64-bit
             raise ConfigError(f"seed must be from 0 to 2**63-1, got {self.seed}")
         if not 0 <= number("target", whole=True) < 1_000_000:

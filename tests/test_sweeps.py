@@ -71,6 +71,8 @@ def test_trigger_and_defense_settings_axes():
     ({"axes": {"defense.lr": [0.1, 0.2], "defense": ["none"]}}, "defense.lr varies"),
     ({"axes": {"defense": ["none", "ft"]}, "defense_params": {"none": {"lr": 1}}}, "defense .none. has no settings"),
     ({"axes": {"seed": [0]}, "colour": 1}, "unknown grid setting"),
+    ({"axes": {"poison_rate": [[1], [2]]}}, r"poison_rate must be a number, got \[1\]"),
+    ({"axes": {"seed": [0]}, "base": {"dataset": "digits", "params": "x"}}, "base.params must be a table of settings"),
     ({"axes": {"seed": [0]}, "name": "../etc"}, "sweep name"),
     ({"axes": {"seed": [0]}, "threads_per_cell": 0}, "threads_per_cell"),
 ])

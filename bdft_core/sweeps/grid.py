@@ -177,6 +177,9 @@ class SweepSpec:
         from ..defenses import build_defense
         from ..pipeline import AttackConfig
 
+        for k in ("params", "paradigm_params", "model_kwargs"):
+            if not isinstance(self.base.get(k) or {}, dict):
+                raise ConfigError(f"base.{k} must be a table of settings (name = value), got {self.base[k]!r}")
         names = list(self.axes)
         axis_params = [n[len("defense."):] for n in names if axis_kind(n) == "defense_param"]
         out, seen_attack = [], {}
