@@ -93,6 +93,8 @@ def test_attack_then_defend(tmp_path):
     (["attack", "--dataset", "digits", "--param", "size=true"], "size must be a number"),
     (["attack", "--dataset", "digits", "--seed", "99999999999999999999999"], "seed must be from 0"),
     (["attack", "--dataset", "digits", "--epochs", "1e308"], "epochs must be above 0 and at most"),
+    (["attack", "--dataset", "digits", "--param", 'pattern={"a":1}'], "a trigger image is a path to a PNG/JPEG"),
+    (["attack", "--dataset", "digits", "--param", "pattern=[[1,2],[3]]"], "must be a regular array of numbers"),
     (["compare", "--run", "20261128-035156-attack-accf97", "--clean-fraction", "nan"], "clean fraction"),
 ])
 def test_bad_input_one_line_no_trace(tmp_path, args, reason):

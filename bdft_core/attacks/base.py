@@ -202,7 +202,12 @@ def image_to_pattern(img, channels: int, size: tuple[int, int]) -> torch.Tensor:
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         return arr.permute(2, 0, 1).contiguous() if arr.ndim == 3 else arr[None]
     is_tensor = isinstance(img, torch.Tensor)
-    t = torch.as_tensor(img if is_tensor else np.asarray(img))
+    if not is_tensor and not isinstance(img, (np.ndarray, list, tuple)):  # {"a": 1} from a command line, say
+        raise ConfigError(f"a trigger image is a path to a PNG/JPEG file or an array of pixels, got {img!r:.80}")
+    try:
+        t = torch.as_tensor(img if is_tensor else np.asarray(img))
+    except (TypeError, ValueError) as exc:  # ragged lists, text inside
+        raise ConfigError(f"a trigger image given as pixels must be a regular array of numbers ({exc})") from None
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     if t.ndim == 2:
         t = t[None]
