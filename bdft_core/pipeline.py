@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -74,25 +75,24 @@ class AttackConfig:
         return cls(**d)
 
     def validate(self) -> "AttackConfig":
+        def number(name, whole=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (whole and not isinstance(v, numbers.Integral)):
+                raise ConfigError(f"{name} must be a {'whole ' if whole else ''}number, got {v!r}")
+            return v
+
+        # types first: a grid file can put anything anywhere, and the checks below read these
+        for name in ("params", "paradigm_params", "model_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a table of settings (name = value), got {getattr(self, name)!r}")
+        for name in ("dataset", "attack", "mode", "model", "device", "paradigm"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be text, got {getattr(self, name)!r}")
         if self.paradigm not in PARADIGMS:
             raise ConfigError(f"unknown paradigm {self.paradigm!r}: available now: {', '.join(PARADIGMS)}")
         from .paradigms import check_paradigm_params
 
         check_paradigm_params(self)
-        def number(name, whole=False):
-            v = getattr(self, name)
-            import numbers
-
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (whole and not isinstance(v, numbers.Integral)):
-                raise ConfigError(f"{name} must be a {'whole ' if whole else ''}number, got {v!r}")
-            return v
-
-        for name in ("params", "paradigm_params", "model_kwargs"):  # a grid file can put anything here
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{name} must be a table of settings (name = value), got {getattr(self, name)!r}")
-        for name in ("dataset", "attack", "mode", "model", "device"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be text, got {getattr(self, name)!r}")
         number("poison_rate"), number("lr")
         if not 0 <= number("seed", whole=True) < 2 ** 63:  # torch seeds are 64-bit
             raise ConfigError(f"seed must be from 0 to 2**63-1, got {self.seed}")

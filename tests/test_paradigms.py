@@ -369,3 +369,10 @@ def test_a_demo_says_stopped_exactly_when_a_stage_was_cut_short(tmp_path, paradi
     out, status = demo(lambda stage, p: stage == "ft" and p.step == p.total_steps, defenses=("ft",))
     assert not out["stopped"] and not out["defended"]["ft"]["stopped"]
     assert set(status.values()) == {"finished"}
+
+
+def test_a_config_checks_its_settings_types_before_the_paradigm_reads_them():
+    for bad, msg in (({"paradigm": "transfer", "paradigm_params": "x"}, "paradigm_params must be a table"),
+                     ({"paradigm": ["transfer"]}, "paradigm must be text")):
+        with pytest.raises(ConfigError, match=msg):
+            AttackConfig(dataset="digits", **bad).validate()
